@@ -1,0 +1,170 @@
+"""From an experiment's ``ml_collections`` config to the typed configs the library uses.
+
+Every bad value raises :class:`ConfigError` naming the field as it is written on the
+command line (``config.train.learning_rate``), before any data is prepared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from duet_jax.data.samples import SampleConfig
+from duet_jax.data.synthetic import SyntheticConfig
+from duet_jax.errors import ConfigError
+from duet_jax.generator import DECODER_INITS, DECODER_MODES
+from duet_jax.methods import METHODS
+from duet_jax.models import MODELS, ModelConfig
+from duet_jax.training import TrainConfig
+
+DATASETS = ("synthetic",)
+# config.data fields that shape samples rather than the dataset itself
+SAMPLE_FIELDS = ("num_negatives", "eval_negatives", "sync_every", "min_history")
+
+
+def _build(cls, field_paths: dict[str, str], **kwargs):
+    """``cls(**kwargs)``, re-raising its ConfigError under the experiment-config field name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in kwargs:
+        if name not in known:
+            raise ConfigError(
+                field_paths.get(name, name), kwargs[name], f"no such field; known: {sorted(known)}"
+            )
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        name = err.field.rsplit(".", 1)[-1]
+        raise ConfigError(field_paths.get(name, err.field), err.value, err.expected) from None
+    except TypeError as err:  # e.g. a string where a number belongs
+        raise ConfigError(cls.__name__, kwargs, f"fields of the right types ({err})") from None
+
+
+def _int(config: ml_collections.ConfigDict, path: str, low: int) -> int:
+    value = config
+    for part in path.split("."):
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"config.{path}", value, f"an integer >= {low}")
+    return value
+
+
+def model_name(config: ml_collections.ConfigDict) -> str:
+    if config.model not in MODELS:
+        raise ConfigError("config.model", config.model, f"one of {sorted(MODELS)}")
+    return config.model
+
+
+def methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in str(config.methods).split(",") if m.strip())
+    if not names or any(m not in METHODS for m in names) or len(set(names)) != len(names):
+        raise ConfigError(
+            "config.methods",
+            config.methods,
+            f"a comma-separated list of distinct names from {list(METHODS)}",
+        )
+    return names
+
+
+def model_config(config: ml_collections.ConfigDict, num_items: int) -> ModelConfig:
+    paths = {
+        "seq_len": "config.seq_len",
+        "embed_dim": "config.embed_dim",
+        "num_heads": "config.sasrec.num_heads",
+        "ffn_mult": "config.sasrec.ffn_mult",
+        "mask_padding": "config.sasrec.mask_padding",
+        "din_hidden": "config.din.hidden",
+        "num_items": "data (number of items)",
+    }
+    _int(config, "seq_len", 1)
+    _int(config, "embed_dim", 1)
+    return _build(
+        ModelConfig,
+        paths,
+        num_items=num_items,
+        seq_len=config.seq_len,
+        embed_dim=config.embed_dim,
+        num_heads=config.sasrec.num_heads,
+        ffn_mult=config.sasrec.ffn_mult,
+        mask_padding=bool(config.sasrec.mask_padding),
+        din_hidden=tuple(config.din.hidden),
+    )
+
+
+def generator_options(config: ml_collections.ConfigDict) -> dict[str, str]:
+    gen = config.generator
+    if gen.decoders not in DECODER_MODES:
+        raise ConfigError(
+            "config.generator.decoders", gen.decoders, f"one of {list(DECODER_MODES)}"
+        )
+    if gen.decoder_init not in DECODER_INITS:
+        raise ConfigError(
+            "config.generator.decoder_init", gen.decoder_init, f"one of {list(DECODER_INITS)}"
+        )
+    return {"decoders": gen.decoders, "decoder_init": gen.decoder_init}
+
+
+def sample_config(config: ml_collections.ConfigDict) -> SampleConfig:
+    paths = {name: f"config.data.{name}" for name in SAMPLE_FIELDS}
+    paths["seq_len"] = "config.seq_len"
+    return _build(
+        SampleConfig,
+        paths,
+        seq_len=config.seq_len,
+        **{name: config.data[name] for name in SAMPLE_FIELDS},
+    )
+
+
+def dataset_name(config: ml_collections.ConfigDict) -> str:
+    if config.data.name not in DATASETS:
+        raise ConfigError("config.data.name", config.data.name, f"one of {list(DATASETS)}")
+    return config.data.name
+
+
+def synthetic_config(config: ml_collections.ConfigDict) -> SyntheticConfig:
+    fields = {k: v for k, v in config.data.items() if k not in (*SAMPLE_FIELDS, "name", "seed")}
+    fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in fields.items()}
+    return _build(SyntheticConfig, {k: f"config.data.{k}" for k in fields}, **fields)
+
+
+def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
+    train = dict(config.train)
+    lr = train.get("learning_rate")
+    if isinstance(lr, int | float) and not isinstance(lr, bool):
+        train["learning_rate"] = float(lr)
+    return _build(TrainConfig, {k: f"config.train.{k}" for k in train}, **train)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every field; raises :class:`ConfigError` naming the first bad one."""
+    model_name(config)
+    methods(config)
+    _int(config, "seed", 0)
+    _int(config, "data.seed", 0)
+    model_config(config, num_items=1)
+    generator_options(config)
+    sample_config(config)
+    if dataset_name(config) == "synthetic":
+        synthetic_config(config)
+    train_config(config)
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields that define one (model, method) training run, as JSON-able values.
+
+    Cosmetic fields (progress bars) and the list of methods are left out, so rerunning with
+    another method list or without progress bars still resumes.
+    """
+    as_dict = config.to_dict()
+    as_dict.pop("methods", None)
+    as_dict.get("train", {}).pop("progress", None)
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(as_dict)

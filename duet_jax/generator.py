@@ -1,0 +1,159 @@
+"""The parameter generator (PPG / MetaGenerator): a Flax hypernetwork that writes a head.
+
+For one device: a GRU reads the device's sequence features ``H [L, D]`` (the backbone's
+embedded trigger sequence), its state at the last valid position goes through
+``Dense(D, tanh) -> Dense(Z)`` to give ``z [Z]``; then one decoder per head leaf writes that
+leaf: ``leaf = reshape(z @ w_leaf + b_leaf, leaf.shape)`` (row-major). For a dense layer
+``{kernel [in, out], bias [out]}`` this is exactly the authors' per-layer ``(w1, b1)`` and
+``(w2, b2)``. The module is written for one device; ``jax.vmap`` runs it across devices.
+
+Options (DESIGN.md §1 quirk (a)):
+- ``decoders="trained"`` (default, the paper's intent) or ``"frozen"``: the authors' code never
+  registers the decoder tensors with the optimiser, so they keep their random init; frozen
+  decoders here get a zero gradient (``stop_gradient``), so the optimiser never moves them.
+- ``decoder_init="glorot"`` (default): a matrix leaf ``[..., in, out]`` starts with Glorot
+  variance when ``z`` has unit variance (decoder weight variance ``2 / ((in + out) Z)``),
+  and vector/scalar leaves (biases) start at zero, like the static head. ``"fmod_normal"``:
+  every decoder tensor is ``fmod(N(0, 1), 2)``, the authors' init.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from duet_jax.models import layers
+from duet_jax.paramspec import HeadSpec
+
+Array = jax.Array
+
+DECODER_MODES = ("trained", "frozen")
+DECODER_INITS = ("glorot", "fmod_normal")
+
+
+def _fmod_normal(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    return jnp.fmod(jax.random.normal(rng, shape, dtype), 2.0)
+
+
+def _zeros(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    del rng
+    return jnp.zeros(shape, dtype)
+
+
+def _glorot_decoder(leaf_shape: tuple[int, ...]):
+    def init(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        z_dim = shape[0]
+        fan_in, fan_out = leaf_shape[-2], leaf_shape[-1]
+        std = math.sqrt(2.0 / ((fan_in + fan_out) * z_dim))
+        return std * jax.random.normal(rng, shape, dtype)
+
+    return init
+
+
+class LeafDecoder(nn.Module):
+    """``z [Z]`` -> one head leaf of ``shape`` and ``dtype``."""
+
+    shape: tuple[int, ...]
+    dtype: Any = jnp.float32
+    trainable: bool = True
+    init_scheme: str = "glorot"
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        size = math.prod(self.shape)
+        if self.init_scheme == "fmod_normal":
+            kernel_init, bias_init = _fmod_normal, _fmod_normal
+        elif len(self.shape) >= 2:
+            kernel_init, bias_init = _glorot_decoder(self.shape), _zeros
+        else:
+            kernel_init, bias_init = _zeros, _zeros
+        kernel = self.param("kernel", kernel_init, (z.shape[-1], size))
+        bias = self.param("bias", bias_init, (size,))
+        if not self.trainable:
+            kernel, bias = jax.lax.stop_gradient(kernel), jax.lax.stop_gradient(bias)
+        return (z @ kernel + bias).reshape(self.shape).astype(self.dtype)
+
+
+class SequenceEncoder(nn.Module):
+    """GRU over ``H [L, D]`` (state at the last valid step) -> ``Dense(D, tanh) -> Dense(Z)``."""
+
+    hidden_dim: int
+    z_dim: int
+
+    @nn.compact
+    def __call__(self, seq_features: Array, mask: Array) -> Array:
+        gru_params = self.param(
+            "gru", lambda rng: layers.gru_init(rng, seq_features.shape[-1], self.hidden_dim)
+        )
+        last = layers.gru(gru_params, seq_features, mask)
+        dense = lambda n, name: nn.Dense(n, kernel_init=nn.initializers.xavier_uniform(), name=name)
+        return dense(self.z_dim, "dense2")(jnp.tanh(dense(self.hidden_dim, "dense1")(last)))
+
+
+def decoder_name(path: str) -> str:
+    """Flax submodule name of the decoder that writes the leaf at ``path`` (``/`` -> ``__``,
+    since checkpoint key paths must not contain ``/``)."""
+    return "decoder_" + path.replace("/", "__")
+
+
+class ParameterGenerator(nn.Module):
+    """Sequence features of one device -> a head with the template's structure and dtypes.
+
+    ``__call__(seq_features [L, D], mask [L]) -> head``; ``encode`` and ``decode`` split the
+    two stages (for timing). Vmap ``apply`` across devices for ``[N, L, D]`` inputs.
+    """
+
+    spec: HeadSpec
+    hidden_dim: int = 32
+    z_dim: int = 32
+    decoders: str = "trained"
+    decoder_init: str = "glorot"
+
+    def setup(self):
+        if self.decoders not in DECODER_MODES:
+            raise ValueError(f"decoders={self.decoders!r}: expected one of {DECODER_MODES}")
+        if self.decoder_init not in DECODER_INITS:
+            raise ValueError(f"decoder_init={self.decoder_init!r}: expected one of {DECODER_INITS}")
+        self.encoder = SequenceEncoder(self.hidden_dim, self.z_dim)
+        self.leaf_decoders = [
+            LeafDecoder(
+                shape=shape,
+                dtype=dtype,
+                trainable=self.decoders == "trained",
+                init_scheme=self.decoder_init,
+                name=decoder_name(path),
+            )
+            for path, shape, dtype in zip(
+                self.spec.paths, self.spec.shapes, self.spec.dtypes, strict=True
+            )
+        ]
+
+    def encode(self, seq_features: Array, mask: Array) -> Array:
+        """-> ``z [Z]``."""
+        return self.encoder(seq_features, mask)
+
+    def decode(self, z: Array) -> Any:
+        """``z [Z]`` -> head pytree (template structure, shapes, dtypes)."""
+        return self.spec.unflatten_leaves([dec(z) for dec in self.leaf_decoders])
+
+    def __call__(self, seq_features: Array, mask: Array) -> Any:
+        return self.decode(self.encode(seq_features, mask))
+
+
+def init_generator(generator: ParameterGenerator, rng: Array, seq_len: int, feature_dim: int):
+    """Initialise generator parameters for ``[seq_len, feature_dim]`` sequence features."""
+    features = jnp.zeros((seq_len, feature_dim), jnp.float32)
+    mask = jnp.ones((seq_len,), bool)
+    return generator.init(rng, features, mask)
+
+
+def generate(generator: ParameterGenerator, params, seq_features: Array, mask: Array) -> Any:
+    """Heads for many devices: ``[N, L, D]``, ``[N, L]`` -> head leaves with leading ``N``.
+
+    Pure and vmapped; wrap in ``jax.jit`` (``functools.partial(generate, generator)``).
+    """
+    return jax.vmap(generator.apply, in_axes=(None, 0, 0))(params, seq_features, mask)

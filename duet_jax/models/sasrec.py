@@ -1,0 +1,64 @@
+"""SASRec device model (Kang & McAuley 2018), as the DUET authors configure it.
+
+``t = Dense(D) tanh Dense(D) (E[target])``; ``H = Dense(D, tanh)(E[seq] + P[pos])``;
+one post-LN transformer encoder layer (``num_heads`` heads, FFN ``ffn_mult * D``, ReLU);
+``s = H'[last valid position]``; head = ``Dense(D, tanh) -> Dense(D)`` on ``s``;
+``logit = <head(s), t>``.
+
+The authors' encoder uses no attention mask, so padded positions (zero item embedding plus
+their position embedding) are attended to; ``ModelConfig.mask_padding=True`` masks them.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from duet_jax.models import layers, towers
+from duet_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+DEFAULT = ModelConfig(num_items=1)  # static options used when apply() gets no config
+
+
+def init(rng: Array, config: ModelConfig) -> dict:
+    """-> ``{"backbone": ..., "head": ...}`` with xavier weights and zero biases."""
+    d = config.embed_dim
+    k_item, k_pos, k_target, k_in, k_enc, k_head = jax.random.split(rng, 6)
+    backbone = {
+        "item_embedding": layers.embedding_init(k_item, config.num_items + 1, d),
+        "position_embedding": layers.xavier_uniform(k_pos, (config.seq_len, d)),
+        "target_tower": towers.target_tower_init(k_target, d),
+        "input_proj": layers.dense_init(k_in, d, d),
+        "encoder": layers.transformer_layer_init(k_enc, d, config.ffn_mult * d),
+    }
+    return {"backbone": backbone, "head": towers.dot_head_init(k_head, d)}
+
+
+def embed_sequence(backbone: dict, seq: Array) -> tuple[Array, Array]:
+    """``H = tanh(Dense(E[seq] + P))`` -> ``([B, L, D], mask [B, L])``; the generator reads it."""
+    x = layers.embed(backbone["item_embedding"], seq) + backbone["position_embedding"]
+    return jax.numpy.tanh(layers.dense(backbone["input_proj"], x)), layers.sequence_mask(seq)
+
+
+def encode(backbone: dict, batch: dict, config: ModelConfig = DEFAULT) -> dict[str, Array]:
+    """-> ``{"user": s [B, D], "target": t [B, D]}``."""
+    h, mask = embed_sequence(backbone, batch["click_seq"])
+    key_mask = mask if config.mask_padding else None
+    # Only H'[last valid] is used, so evaluate the encoder layer at that position alone.
+    query = layers.last_valid(h, mask)[:, None, :]
+    user = layers.transformer_layer(backbone["encoder"], query, h, config.num_heads, key_mask)
+    return {
+        "user": user[:, 0],
+        "target": towers.target_tower(
+            backbone["target_tower"], backbone["item_embedding"], batch["target"]
+        ),
+    }
+
+
+head_logits = towers.dot_head_logits
+
+
+def apply(backbone: dict, head: dict, batch: dict, config: ModelConfig = DEFAULT) -> Array:
+    """-> logits ``[B]``. ``head`` is shared (template shapes) or per example (leading ``B``)."""
+    return head_logits(head, encode(backbone, batch, config))

@@ -1,0 +1,93 @@
+"""Write experiment rows as results.json / results.csv / results.md (atomically)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+from importlib import metadata
+
+from duet_jax.experiment import ROW_KEYS
+
+COLUMNS = tuple(k for k in ROW_KEYS if k != "seed")  # the table; every row also has its seed
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+def environment() -> dict:
+    """Machine and library versions, so a result says where it came from."""
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import jax
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "versions": versions,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
+    by_key = {(r["model"], r["method"]): r for r in rows}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        base, duet = by_key.get((model, "base")), by_key.get((model, "duet"))
+        if base and duet:
+            lines.append("")
+            lines.append(
+                f"{model}: DUET - Base = AUC {duet['auc'] - base['auc']:+.4f}, "
+                f"UAUC {duet['uauc'] - base['uauc']:+.4f}, "
+                f"logloss {duet['logloss'] - base['logloss']:+.4f} (lower is better)"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(workdir: str, rows: list[dict], config: dict, data_stats: dict) -> str:
+    """Write the three result files; returns the markdown table."""
+    os.makedirs(workdir, exist_ok=True)
+    payload = {"rows": rows, "config": config, "data": data_stats, "environment": environment()}
+    _write_atomic(os.path.join(workdir, "results.json"), json.dumps(payload, indent=2) + "\n")
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(os.path.join(workdir, "results.csv"), buf.getvalue())
+    table = markdown_table(rows)
+    _write_atomic(os.path.join(workdir, "results.md"), table)
+    return table

@@ -1,0 +1,147 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from duet_jax import generator as gen_lib
+from duet_jax.duet import Duet
+from duet_jax.models import ModelConfig, get_model
+from duet_jax.paramspec import HeadSpec
+from tests import numpy_reference as ref
+from tests.conftest import tiny_batch
+
+# A head unlike any device model's: nested tuple, a scalar, a 3-d leaf, a bfloat16 leaf.
+ODD_TEMPLATE = {
+    "gate": jax.ShapeDtypeStruct((), jnp.float32),
+    "layers": (
+        {
+            "kernel": jax.ShapeDtypeStruct((4, 3), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((3,), jnp.bfloat16),
+        },
+        {"cube": jax.ShapeDtypeStruct((2, 3, 2), jnp.float32)},
+    ),
+}
+
+
+def _generator(template, **kw):
+    return gen_lib.ParameterGenerator(
+        spec=HeadSpec.from_template(template), hidden_dim=6, z_dim=5, **kw
+    )
+
+
+def _inputs(rng, n, length=7, dim=4):
+    features = rng.normal(size=(n, length, dim)).astype(np.float32)
+    lengths = rng.integers(0, length + 1, size=n)
+    lengths[0] = 0
+    return features, np.arange(length)[None] < lengths[:, None], lengths
+
+
+@pytest.mark.parametrize("decoder_init", gen_lib.DECODER_INITS)
+def test_generated_head_has_template_structure_shapes_dtypes(rng, decoder_init):
+    gen = _generator(ODD_TEMPLATE, decoder_init=decoder_init)
+    params = gen_lib.init_generator(gen, jax.random.key(0), 7, 4)
+    features, mask, _ = _inputs(rng, 9)
+    heads = jax.jit(functools.partial(gen_lib.generate, gen))(params, features, mask)
+    assert jax.tree.structure(heads) == jax.tree.structure(ODD_TEMPLATE)
+    for leaf, spec in zip(jax.tree.leaves(heads), jax.tree.leaves(ODD_TEMPLATE), strict=True):
+        assert leaf.shape == (9, *spec.shape)
+        assert leaf.dtype == spec.dtype
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "din"])
+def test_model_heads_match_templates(name, rng):
+    model = get_model(name, ModelConfig(num_items=30, seq_len=5, embed_dim=8, num_heads=2))
+    duet = Duet.create(model)
+    params = duet.init(jax.random.key(0))
+    seq = tiny_batch(rng, 6, 5, 30)["click_seq"]
+    heads = jax.jit(duet.generate)(params, seq)
+    duet.spec.check(heads, batch_ndim=1)
+    assert jax.tree.leaves(heads)[0].shape[0] == 6
+
+
+def test_vmap_over_devices_equals_python_loop(rng):
+    gen = _generator(ODD_TEMPLATE)
+    params = gen_lib.init_generator(gen, jax.random.key(1), 7, 4)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+    features, mask, _ = _inputs(rng, 6)
+    batched = jax.jit(functools.partial(gen_lib.generate, gen))(params, features, mask)
+    single = jax.jit(gen.apply)
+    for i in range(6):
+        one = single(params, features[i], mask[i])
+        for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(one), strict=True):
+            np.testing.assert_allclose(
+                np.asarray(a[i], np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6
+            )
+
+
+def test_generator_matches_numpy_reference(rng):
+    template = {
+        "dense": {
+            "kernel": jax.ShapeDtypeStruct((4, 3), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((3,), jnp.float32),
+        }
+    }
+    gen = _generator(template, decoder_init="fmod_normal")
+    params = gen_lib.init_generator(gen, jax.random.key(2), 7, 4)
+    features, mask, lengths = _inputs(rng, 3)
+    heads = gen_lib.generate(gen, params, features, mask)
+    for i in range(3):
+        want = ref.generator(params, features[i], lengths[i], gen.spec.paths, gen.spec.shapes)
+        np.testing.assert_allclose(
+            heads["dense"]["kernel"][i], want["dense/kernel"], rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            heads["dense"]["bias"][i], want["dense/bias"], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_fmod_normal_init_lies_in_open_interval():
+    gen = _generator(ODD_TEMPLATE, decoder_init="fmod_normal")
+    params = gen_lib.init_generator(gen, jax.random.key(3), 7, 4)["params"]
+    decoders = [v for k, v in params.items() if k.startswith("decoder_")]
+    values = np.concatenate([np.ravel(x) for x in jax.tree.leaves(decoders)])
+    assert np.abs(values).max() < 2.0 and values.std() > 0.5
+
+
+def test_glorot_init_starts_biases_at_zero_and_kernels_small():
+    gen = _generator(ODD_TEMPLATE)
+    params = gen_lib.init_generator(gen, jax.random.key(3), 7, 4)["params"]
+    bias_dec = params[gen_lib.decoder_name("layers/0/bias")]
+    assert np.all(bias_dec["kernel"] == 0) and np.all(bias_dec["bias"] == 0)
+    kernel_dec = params[gen_lib.decoder_name("layers/0/kernel")]
+    np.testing.assert_allclose(kernel_dec["kernel"].std(), np.sqrt(2 / (7 * 5)), rtol=0.5)
+
+
+@pytest.mark.parametrize("decoders,moves", [("frozen", False), ("trained", True)])
+def test_frozen_decoders_never_move_under_training(decoders, moves, rng):
+    model = get_model("gru4rec", ModelConfig(num_items=30, seq_len=5, embed_dim=8))
+    duet = Duet.create(model, decoders=decoders)
+    params = duet.init(jax.random.key(0))
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+    batch = tiny_batch(rng, 8, 5, 30)
+
+    def loss(p):
+        return optax.sigmoid_binary_cross_entropy(duet.apply(p, batch), batch["label"]).mean()
+
+    new = params
+    for _ in range(3):
+        updates, state = opt.update(jax.grad(loss)(new), state, new)
+        new = optax.apply_updates(new, updates)
+    for key, before in params["generator"]["params"].items():
+        after = new["generator"]["params"][key]
+        changed = any(
+            not np.array_equal(a, b)
+            for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+        )
+        assert changed == (moves or key == "encoder"), key
+
+
+def test_bad_generator_option_raises():
+    with pytest.raises(ValueError, match="decoders"):
+        gen_lib.init_generator(
+            _generator(ODD_TEMPLATE, decoders="sometimes"), jax.random.key(0), 7, 4
+        )
