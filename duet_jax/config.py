@@ -14,7 +14,7 @@ import ml_collections
 from duet_jax.data.samples import SampleConfig
 from duet_jax.data.synthetic import SyntheticConfig
 from duet_jax.errors import ConfigError
-from duet_jax.generator import DECODER_INITS, DECODER_MODES
+from duet_jax.generator import DECODER_INITS, DECODER_MODES, resolve_decoder_init
 from duet_jax.methods import METHODS
 from duet_jax.models import MODELS, ModelConfig
 from duet_jax.training import TrainConfig
@@ -24,21 +24,39 @@ DATASETS = ("synthetic",)
 SAMPLE_FIELDS = ("num_negatives", "eval_negatives", "sync_every", "min_history")
 
 
+def _type_error(default: Any, value: Any) -> str | None:
+    """What ``value`` should be, judged by the field's default, or None if it fits."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "True or False"
+    if isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, tuple):
+        return None if isinstance(value, tuple | list) else "a tuple"
+    return None
+
+
 def _build(cls, field_paths: dict[str, str], **kwargs):
     """``cls(**kwargs)``, re-raising its ConfigError under the experiment-config field name."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    for name in kwargs:
-        if name not in known:
-            raise ConfigError(
-                field_paths.get(name, name), kwargs[name], f"no such field; known: {sorted(known)}"
-            )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in kwargs.items():
+        path = field_paths.get(name, name)
+        if name not in fields:
+            raise ConfigError(path, value, f"no such field; known: {sorted(fields)}")
+        default = fields[name].default
+        expected = None if default is dataclasses.MISSING else _type_error(default, value)
+        if expected:
+            raise ConfigError(path, value, expected)
     try:
         return cls(**kwargs)
     except ConfigError as err:
         name = err.field.rsplit(".", 1)[-1]
         raise ConfigError(field_paths.get(name, err.field), err.value, err.expected) from None
-    except TypeError as err:  # e.g. a string where a number belongs
-        raise ConfigError(cls.__name__, kwargs, f"fields of the right types ({err})") from None
 
 
 def _int(config: ml_collections.ConfigDict, path: str, low: int) -> int:
@@ -92,7 +110,8 @@ def model_config(config: ml_collections.ConfigDict, num_items: int) -> ModelConf
     )
 
 
-def generator_options(config: ml_collections.ConfigDict) -> dict[str, str]:
+def generator_options(config: ml_collections.ConfigDict) -> dict:
+    """Keyword arguments for :meth:`duet_jax.duet.Duet.create`."""
     gen = config.generator
     if gen.decoders not in DECODER_MODES:
         raise ConfigError(
@@ -102,7 +121,18 @@ def generator_options(config: ml_collections.ConfigDict) -> dict[str, str]:
         raise ConfigError(
             "config.generator.decoder_init", gen.decoder_init, f"one of {list(DECODER_INITS)}"
         )
-    return {"decoders": gen.decoders, "decoder_init": gen.decoder_init}
+    try:
+        resolve_decoder_init(gen.decoders, gen.decoder_init)
+    except ValueError as err:
+        raise ConfigError("config.generator.decoder_init", gen.decoder_init, str(err)) from None
+    _int(config, "generator.hidden_dim", 1)
+    _int(config, "generator.z_dim", 1)
+    return {
+        "decoders": gen.decoders,
+        "decoder_init": gen.decoder_init,
+        "hidden_dim": gen.hidden_dim,
+        "z_dim": gen.z_dim,
+    }
 
 
 def sample_config(config: ml_collections.ConfigDict) -> SampleConfig:

@@ -30,13 +30,23 @@ class Duet:
 
     @classmethod
     def create(
-        cls, model: DeviceModel, decoders: str = "trained", decoder_init: str = "glorot"
+        cls,
+        model: DeviceModel,
+        decoders: str = "trained",
+        decoder_init: str = "auto",
+        hidden_dim: int | None = None,
+        z_dim: int | None = None,
     ) -> Duet:
-        spec = HeadSpec.from_template(model.head_template())
+        """Generator for ``model``'s head; GRU and z sizes default to the embedding size D."""
         d = model.config.embed_dim
         generator = gen_lib.ParameterGenerator(
-            spec=spec, hidden_dim=d, z_dim=d, decoders=decoders, decoder_init=decoder_init
+            spec=HeadSpec.from_template(model.head_template()),
+            hidden_dim=hidden_dim or d,
+            z_dim=z_dim or d,
+            decoders=decoders,
+            decoder_init=decoder_init,
         )
+        gen_lib.resolve_decoder_init(decoders, decoder_init)  # fail here, not at first use
         return cls(model, generator)
 
     @property

@@ -31,8 +31,8 @@ def load_data(config: ml_collections.ConfigDict) -> Splits:
 def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = None) -> list[dict]:
     """Train every method in ``config.methods`` for ``config.model``; rows for results.json.
 
-    Each (model, method) run checkpoints under ``workdir/<model>/<method>`` and resumes
-    from there when the same command runs again.
+    Each method's run checkpoints under ``workdir/<method>`` and resumes from there when the
+    same command runs again (a workdir holds one model's experiment).
     """
     config_lib.validate(config)
     data = load_data(config) if data is None else data
@@ -43,7 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
     rows = []
     for name in config_lib.methods(config):
         method = get_method(name, model, **config_lib.generator_options(config))
-        run_dir = os.path.join(workdir, model.name, name)
+        run_dir = os.path.join(workdir, name)
         logging.info("training %s/%s in %s", model.name, name, run_dir)
         result = train_and_evaluate(
             method,

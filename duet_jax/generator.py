@@ -11,10 +11,12 @@ Options (DESIGN.md §1 quirk (a)):
 - ``decoders="trained"`` (default, the paper's intent) or ``"frozen"``: the authors' code never
   registers the decoder tensors with the optimiser, so they keep their random init; frozen
   decoders here get a zero gradient (``stop_gradient``), so the optimiser never moves them.
-- ``decoder_init="glorot"`` (default): a matrix leaf ``[..., in, out]`` starts with Glorot
-  variance when ``z`` has unit variance (decoder weight variance ``2 / ((in + out) Z)``),
-  and vector/scalar leaves (biases) start at zero, like the static head. ``"fmod_normal"``:
-  every decoder tensor is ``fmod(N(0, 1), 2)``, the authors' init.
+- ``decoder_init="glorot"``: a matrix leaf ``[..., in, out]`` starts with Glorot variance
+  when ``z`` has unit variance (decoder weight variance ``2 / ((in + out) Z)``), and
+  vector/scalar leaves (biases) start at zero, like the static head. ``"fmod_normal"``:
+  every decoder tensor is ``fmod(N(0, 1), 2)``, the authors' init. ``"auto"`` (default):
+  glorot for trained decoders, fmod_normal for frozen ones (the authors' pairing). Frozen
+  glorot decoders are refused: their bias leaves would stay exactly zero for ever.
 """
 
 from __future__ import annotations
@@ -32,7 +34,23 @@ from duet_jax.paramspec import HeadSpec
 Array = jax.Array
 
 DECODER_MODES = ("trained", "frozen")
-DECODER_INITS = ("glorot", "fmod_normal")
+DECODER_INITS = ("auto", "glorot", "fmod_normal")
+
+
+def resolve_decoder_init(decoders: str, decoder_init: str) -> str:
+    """The init scheme actually used; raises ValueError for unknown or unusable choices."""
+    if decoders not in DECODER_MODES:
+        raise ValueError(f"decoders={decoders!r}: expected one of {DECODER_MODES}")
+    if decoder_init not in DECODER_INITS:
+        raise ValueError(f"decoder_init={decoder_init!r}: expected one of {DECODER_INITS}")
+    if decoder_init == "auto":
+        return "glorot" if decoders == "trained" else "fmod_normal"
+    if decoders == "frozen" and decoder_init == "glorot":
+        raise ValueError(
+            "decoder_init='glorot' with decoders='frozen': generated biases would stay zero for "
+            "ever; use 'fmod_normal' or 'auto'"
+        )
+    return decoder_init
 
 
 def _fmod_normal(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
@@ -111,20 +129,17 @@ class ParameterGenerator(nn.Module):
     hidden_dim: int = 32
     z_dim: int = 32
     decoders: str = "trained"
-    decoder_init: str = "glorot"
+    decoder_init: str = "auto"
 
     def setup(self):
-        if self.decoders not in DECODER_MODES:
-            raise ValueError(f"decoders={self.decoders!r}: expected one of {DECODER_MODES}")
-        if self.decoder_init not in DECODER_INITS:
-            raise ValueError(f"decoder_init={self.decoder_init!r}: expected one of {DECODER_INITS}")
+        init_scheme = resolve_decoder_init(self.decoders, self.decoder_init)
         self.encoder = SequenceEncoder(self.hidden_dim, self.z_dim)
         self.leaf_decoders = [
             LeafDecoder(
                 shape=shape,
                 dtype=dtype,
                 trainable=self.decoders == "trained",
-                init_scheme=self.decoder_init,
+                init_scheme=init_scheme,
                 name=decoder_name(path),
             )
             for path, shape, dtype in zip(

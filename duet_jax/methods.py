@@ -41,9 +41,10 @@ def duet_method(duet: Duet) -> Method:
     return Method(name="duet", init=duet.init, logits=duet.apply)
 
 
-def get_method(name: str, model: DeviceModel, decoders: str, decoder_init: str) -> Method:
+def get_method(name: str, model: DeviceModel, **generator_options) -> Method:
+    """``base`` or ``duet``; ``generator_options`` go to :meth:`Duet.create`."""
     if name == "base":
         return base_method(model)
     if name == "duet":
-        return duet_method(Duet.create(model, decoders=decoders, decoder_init=decoder_init))
+        return duet_method(Duet.create(model, **generator_options))
     raise ConfigError("config.methods", name, f"a comma-separated subset of {list(METHODS)}")

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from duet_jax import metrics
+from duet_jax import files, metrics
 from duet_jax.checkpoint import Checkpointer
 from duet_jax.data.batching import batches, epoch_order, num_batches, padded_batch
 from duet_jax.data.samples import SampleSet, Splits
@@ -118,8 +118,17 @@ def predict(logits_fn: Callable, params: Any, samples: SampleSet, batch_size: in
     return np.concatenate(out)[: len(samples)] if out else np.zeros(0, np.float32)
 
 
-def evaluate(logits_fn: Callable, params: Any, samples: SampleSet, batch_size: int) -> dict:
+def evaluate(
+    logits_fn: Callable, params: Any, samples: SampleSet, batch_size: int, where: str = "eval"
+) -> dict:
+    """Metrics of ``params`` on ``samples``; non-finite logits raise FloatingPointError."""
     logits = predict(logits_fn, params, samples, batch_size)
+    if not np.all(np.isfinite(logits)):
+        bad = int(np.flatnonzero(~np.isfinite(logits))[0])
+        raise FloatingPointError(
+            f"{where}: logit of sample {bad} is {logits[bad]} ({int((~np.isfinite(logits)).sum())}"
+            f" of {len(logits)} non-finite): training diverged; lower config.train.learning_rate"
+        )
     return metrics.evaluate(samples.user, samples.label, logits)
 
 
@@ -133,6 +142,7 @@ def _score(metric: str, value: float) -> float:
 def _check_run_config(workdir: str, run_config: dict) -> None:
     """Refuse to resume a run under a workdir that was started with another config."""
     path = os.path.join(workdir, "run_config.json")
+    run_config = json.loads(files.dumps(run_config))  # compare as stored (tuples -> lists)
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
@@ -145,11 +155,7 @@ def _check_run_config(workdir: str, run_config: dict) -> None:
                 f"a fresh directory: it holds a run started with a different config ({details})",
             )
         return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(run_config, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    files.write_text_atomic(path, files.dumps(run_config, sort_keys=True))
 
 
 def train_and_evaluate(
@@ -164,12 +170,20 @@ def train_and_evaluate(
 ) -> TrainResult:
     """Train ``method`` on ``data.train``, select on ``data.val``, report ``data.test``.
 
-    Checkpoints go to ``workdir/checkpoints``; an existing checkpoint is resumed.
-    ``run_config`` (JSON-able) is stored in ``workdir`` and must match on resume.
+    Checkpoints go to ``workdir/checkpoints``; an existing checkpoint is resumed. What
+    defines the run (seed, method, ``config`` except ``progress``, a fingerprint of the data,
+    and any extra JSON-able ``run_config``) is stored in ``workdir`` and must match on resume.
     ``on_step(step)`` is called after every optimiser step (logging, tests); ``name`` labels
     the progress bar (default: the method's name).
     """
-    _check_run_config(workdir, {"seed": seed, **(run_config or {})})
+    train_fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    identity = {
+        "seed": seed,
+        "method": method.name,
+        "train": train_fields,
+        "data": data.fingerprint(),
+    }
+    _check_run_config(workdir, {**identity, **(run_config or {})})
     optimizer = optax.adam(config.learning_rate)
     # Copy so no two leaves share a buffer (the train step donates its input state).
     params = jax.tree.map(jnp.copy, method.init(jax.random.key(seed)))
@@ -241,7 +255,8 @@ def train_and_evaluate(
                 if every and step % every == 0 and step % steps_per_epoch:
                     save()
             flush_losses()
-            val = evaluate(logits_fn, state.params, data.val, config.eval_batch_size)
+            where = f"{name or method.name} validation after epoch {epoch + 1} (step {step})"
+            val = evaluate(logits_fn, state.params, data.val, config.eval_batch_size, where)
             score = _score(config.select_metric, val[config.select_metric])
             meta["history"].append(
                 {
@@ -272,7 +287,7 @@ def train_and_evaluate(
             f"{method.name}: no epoch produced a finite validation {config.select_metric}; "
             "check the validation split has users with both labels"
         )
-    test = evaluate(logits_fn, best_params, data.test, config.eval_batch_size)
+    test = evaluate(logits_fn, best_params, data.test, config.eval_batch_size, "test")
     return TrainResult(
         test=test,
         val=meta["history"][meta["best_epoch"] - 1]["val"],

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import platform
 from importlib import metadata
 
+from duet_jax import files
 from duet_jax.experiment import ROW_KEYS
 
 COLUMNS = tuple(k for k in ROW_KEYS if k != "seed")  # the table; every row also has its seed
@@ -70,24 +70,16 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(workdir: str, rows: list[dict], config: dict, data_stats: dict) -> str:
-    """Write the three result files; returns the markdown table."""
-    os.makedirs(workdir, exist_ok=True)
+    """Write the three result files (strict JSON: NaN becomes null); returns the table."""
     payload = {"rows": rows, "config": config, "data": data_stats, "environment": environment()}
-    _write_atomic(os.path.join(workdir, "results.json"), json.dumps(payload, indent=2) + "\n")
+    files.write_text_atomic(os.path.join(workdir, "results.json"), files.dumps(payload))
     fields = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(os.path.join(workdir, "results.csv"), buf.getvalue())
+    files.write_text_atomic(os.path.join(workdir, "results.csv"), buf.getvalue())
     table = markdown_table(rows)
-    _write_atomic(os.path.join(workdir, "results.md"), table)
+    files.write_text_atomic(os.path.join(workdir, "results.md"), table)
     return table

@@ -1,3 +1,4 @@
+import ml_collections
 import pytest
 
 from duet_jax import config as config_lib
@@ -38,6 +39,8 @@ def test_default_config_is_valid():
         ("data.drift", 2.0, "config.data.drift"),
         ("data.cloud_len", (40, 30), "config.data.cloud_len"),
         ("seed", -1, "config.seed"),
+        ("data.cloud_len", (30,), "config.data.cloud_len"),
+        ("generator.z_dim", 0, "config.generator.z_dim"),
     ],
 )
 def test_bad_field_raises_error_naming_it(path, value, field):
@@ -63,3 +66,30 @@ def test_run_identity_ignores_cosmetic_fields():
     assert config_lib.run_identity(a) == config_lib.run_identity(b)
     b.train.learning_rate = 2e-3
     assert config_lib.run_identity(a) != config_lib.run_identity(b)
+
+
+def test_frozen_decoders_default_to_the_authors_init_and_refuse_glorot():
+    config = _with("generator.decoders", "frozen")
+    config_lib.validate(config)  # decoder_init="auto" picks fmod_normal
+    config.generator.decoder_init = "glorot"
+    with pytest.raises(ConfigError, match="biases would stay zero"):
+        config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "group,field,value,expected",
+    [
+        ("train", "batch_size", "64", "an integer"),
+        ("train", "progress", 1, "True or False"),
+        ("data", "drift", "high", "a number"),
+    ],
+)
+def test_wrongly_typed_field_is_named(group, field, value, expected):
+    """ml_collections blocks type changes on the command line; a config built from a plain
+    dict can still carry them."""
+    config = synthetic.get_config()
+    values = config[group].to_dict()
+    values[field] = value
+    config[group] = ml_collections.ConfigDict(values)
+    with pytest.raises(ConfigError, match=f"config.{group}.{field}=.*expected {expected}"):
+        config_lib.validate(config)

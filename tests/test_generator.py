@@ -140,6 +140,21 @@ def test_frozen_decoders_never_move_under_training(decoders, moves, rng):
         assert changed == (moves or key == "encoder"), key
 
 
+def test_auto_init_follows_the_decoder_mode():
+    assert gen_lib.resolve_decoder_init("trained", "auto") == "glorot"
+    assert gen_lib.resolve_decoder_init("frozen", "auto") == "fmod_normal"
+    with pytest.raises(ValueError, match="biases would stay zero"):
+        gen_lib.resolve_decoder_init("frozen", "glorot")
+
+
+def test_frozen_auto_decoders_generate_nonzero_biases(rng):
+    gen = _generator(ODD_TEMPLATE, decoders="frozen")
+    params = gen_lib.init_generator(gen, jax.random.key(0), 7, 4)
+    features, mask, _ = _inputs(rng, 3)
+    heads = gen_lib.generate(gen, params, features, mask)
+    assert np.abs(np.asarray(heads["layers"][0]["bias"], np.float32)).min() > 0
+
+
 def test_bad_generator_option_raises():
     with pytest.raises(ValueError, match="decoders"):
         gen_lib.init_generator(

@@ -1,11 +1,14 @@
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from duet_jax import experiment
 from duet_jax.config import model_config, train_config
 from duet_jax.errors import ConfigError
-from duet_jax.methods import get_method
+from duet_jax.methods import Method, get_method
 from duet_jax.models import get_model
 from duet_jax.training import TrainConfig, train_and_evaluate
 from tests.conftest import tiny_config
@@ -23,20 +26,31 @@ def data():
 def _method(name, data):
     config = tiny_config()
     model = get_model("gru4rec", model_config(config, data.num_items))
-    return get_method(name, model, "trained", "glorot")
+    return get_method(name, model)
 
 
 def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.parametrize("method", ["base", "duet"])
-def test_killed_then_resumed_run_ends_with_identical_parameters(method, data, tmp_path):
+def _steps_per_epoch(data):
+    return -(-len(data.train) // train_config(tiny_config()).batch_size)
+
+
+@pytest.mark.parametrize(
+    "method,where", [("base", "mid-epoch"), ("duet", "mid-epoch"), ("base", "epoch-end")]
+)
+def test_killed_then_resumed_run_ends_with_identical_parameters(method, where, data, tmp_path):
     config = train_config(tiny_config())  # 2 epochs, checkpoints every 7 steps and per epoch
     full = train_and_evaluate(_method(method, data), data, config, str(tmp_path / "full"), seed=0)
+    # mid-epoch: after the step-14 checkpoint; epoch-end: after the last step of epoch 1,
+    # before its validation and checkpoint
+    kill_step = 17 if where == "mid-epoch" else _steps_per_epoch(data)
+    # no checkpoint is written at the kill step (mid-epoch saves skip epoch ends)
+    assert kill_step % 7 or kill_step == _steps_per_epoch(data)
 
     def kill_at(step):
-        if step == 17:  # after the step-14 checkpoint, mid-epoch
+        if step == kill_step:
             raise Killed
 
     with pytest.raises(Killed):
@@ -93,3 +107,26 @@ def test_resuming_with_another_config_is_refused(data, tmp_path):
         train_and_evaluate(
             _method("base", data), data, config, str(tmp_path), seed=0, run_config={"lr": 2}
         )
+    other = TrainConfig(num_epochs=1, batch_size=32, progress=False)
+    with pytest.raises(ConfigError, match=r"train: .*'batch_size': 64"):
+        train_and_evaluate(_method("base", data), data, other, str(tmp_path), seed=0)
+    with pytest.raises(ConfigError, match=r"method: 'base' -> 'duet'"):
+        train_and_evaluate(_method("duet", data), data, config, str(tmp_path), seed=0)
+    shifted = dataclasses.replace(
+        data, train=dataclasses.replace(data.train, label=1 - data.train.label)
+    )
+    with pytest.raises(ConfigError, match=r"data: "):
+        train_and_evaluate(_method("base", data), shifted, config, str(tmp_path), seed=0)
+    # progress bars are cosmetic and may change
+    quiet = dataclasses.replace(config, progress=True)
+    train_and_evaluate(
+        _method("base", data), data, quiet, str(tmp_path), seed=0, run_config={"lr": 1}
+    )
+
+
+def test_diverged_training_fails_with_a_clear_error(data, tmp_path):
+    base = _method("base", data)
+    broken = Method("base", base.init, lambda p, b: base.logits(p, b) * jnp.nan)
+    config = TrainConfig(num_epochs=1, batch_size=64, progress=False)
+    with pytest.raises(FloatingPointError, match=r"validation after epoch 1.*diverged"):
+        train_and_evaluate(broken, data, config, str(tmp_path), seed=0)

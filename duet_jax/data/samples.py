@@ -14,6 +14,7 @@ prediction, so ``trigger_seq == click_seq``, as the authors' per-sample generati
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class SampleConfig:
             ("min_history", 1),
         ]:
             value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
                 raise ConfigError(f"SampleConfig.{name}", value, f"an integer >= {low}")
 
 
@@ -73,6 +74,15 @@ class Splits:
     num_users: int
     num_items: int
 
+    def fingerprint(self) -> str:
+        """sha256 of every split's arrays and id ranges (a resumed run must see the same data)."""
+        digest = hashlib.sha256(f"{self.num_users}:{self.num_items}".encode())
+        for name in SPLITS:
+            for field, array in getattr(self, name).arrays().items():
+                digest.update(f"{name}.{field}{array.shape}{array.dtype}".encode())
+                digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
     def stats(self) -> dict:
         out = {"users": self.num_users, "items": self.num_items}
         for name in SPLITS:
@@ -91,23 +101,45 @@ def _windows(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, seq_len: i
     return np.where(valid, items[np.where(valid, src, 0)], 0).astype(np.int32)
 
 
-def _sample_negatives(
-    rng: np.random.Generator, users: np.ndarray, touched: np.ndarray, num_items: int, count: int
-) -> np.ndarray:
-    """``[P, count]`` uniform items in ``1..num_items`` that each row's user never touched.
+def _repeated_in_row(values: np.ndarray) -> np.ndarray:
+    """``[P, C]`` bool: True where a value already appeared earlier in its row."""
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    repeat = np.zeros_like(values, dtype=bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    out = np.zeros_like(repeat)
+    np.put_along_axis(out, order, repeat, axis=1)
+    return out
 
-    ``touched`` is the sorted array of keys ``user * (num_items + 1) + item``.
+
+def _sample_negatives(
+    rng: np.random.Generator,
+    users: np.ndarray,
+    touched: np.ndarray,
+    touched_count: np.ndarray,
+    num_items: int,
+    count: int,
+) -> np.ndarray:
+    """``[P, count]`` distinct uniform items in ``1..num_items`` that each row's user never
+    touched. ``touched`` is the sorted array of keys ``user * (num_items + 1) + item``;
+    ``touched_count[u]`` is how many items user ``u`` touched.
     """
+    short = np.flatnonzero(num_items - touched_count[users] < count)
+    if len(short):
+        u = int(users[short[0]])
+        raise DataError(
+            f"user {u} touched {int(touched_count[u])} of {num_items} items, leaving fewer than "
+            f"the {count} distinct negatives each of its samples needs"
+        )
     out = rng.integers(1, num_items + 1, size=(len(users), count))
     base = users.astype(np.int64)[:, None] * (num_items + 1)
-    for _ in range(1000):
+    while True:  # terminates: every row has at least `count` untouched items to find
         keys = base + out
         pos = np.searchsorted(touched, keys)
-        bad = touched[np.minimum(pos, len(touched) - 1)] == keys
+        bad = (touched[np.minimum(pos, len(touched) - 1)] == keys) | _repeated_in_row(out)
         if not bad.any():
             return out.astype(np.int32)
         out[bad] = rng.integers(1, num_items + 1, size=int(bad.sum()))
-    raise DataError("negative sampling did not converge: some users touched almost every item")
 
 
 def build_samples(
@@ -127,7 +159,10 @@ def build_samples(
     val_start = np.asarray(val_start, np.int64)
     test_start = np.asarray(test_start, np.int64)
     if not (len(val_start) == len(test_start) == num_users):
-        raise DataError("val_start and test_start need one entry per user")
+        raise DataError(
+            f"val_start ({len(val_start)} entries) and test_start ({len(test_start)}) need one "
+            f"entry per user ({num_users} sequences)"
+        )
     bad = np.flatnonzero((val_start > test_start) | (test_start > lengths) | (val_start < 0))
     if len(bad):
         u = int(bad[0])
@@ -137,11 +172,17 @@ def build_samples(
         )
     items = np.concatenate(sequences).astype(np.int64) if num_users else np.zeros(0, np.int64)
     if items.size and (items.min() < 1 or items.max() > num_items):
-        raise DataError(f"item ids must lie in 1..{num_items}, got {items.min()}..{items.max()}")
+        bad = int(np.flatnonzero((items < 1) | (items > num_items))[0])
+        user = int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
+        raise DataError(
+            f"user {user}: item id {int(items[bad])} is outside 1..{num_items} "
+            f"(ids {items.min()}..{items.max()} overall)"
+        )
     offsets = np.r_[0, np.cumsum(lengths)[:-1]]
     user_of = np.repeat(np.arange(num_users), lengths)
     t = np.arange(len(items)) - offsets[user_of]  # position within the user's sequence
     touched = np.unique(user_of * (num_items + 1) + items)
+    touched_count = np.bincount(touched // (num_items + 1), minlength=num_users)
 
     rng = np.random.default_rng(seed)
     split_of = np.where(t < val_start[user_of], 0, np.where(t < test_start[user_of], 1, 2))
@@ -157,7 +198,7 @@ def build_samples(
         click = _windows(items, offsets[u], ends, config.seq_len)
         trigger = _windows(items, offsets[u], offsets[u] + sync[rows], config.seq_len)
         n_neg = config.num_negatives if name == "train" else config.eval_negatives
-        negatives = _sample_negatives(rng, u, touched, num_items, n_neg)
+        negatives = _sample_negatives(rng, u, touched, touched_count, num_items, n_neg)
         per = 1 + n_neg
         targets = np.concatenate([items[rows][:, None], negatives], axis=1).reshape(-1)
         labels = np.zeros((len(rows), per), np.float32)

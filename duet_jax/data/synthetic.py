@@ -66,7 +66,10 @@ class SyntheticConfig:
         if not 0.0 < self.val_frac < 1.0:
             fail("val_frac", "a number in (0, 1)")
         for name in ("cloud_len", "device_len"):
-            low, high = getattr(self, name)
+            value = getattr(self, name)
+            if not (isinstance(value, tuple | list) and len(value) == 2):
+                fail(name, "a pair (low, high) with 2 <= low <= high")
+            low, high = value
             if not 2 <= low <= high:
                 fail(name, "a pair (low, high) with 2 <= low <= high")
         if self.cloud_len[1] + self.device_len[1] >= self.num_items:

@@ -37,7 +37,13 @@ def init(rng: Array, config: ModelConfig) -> dict:
 
 def embed_sequence(backbone: dict, seq: Array) -> tuple[Array, Array]:
     """``H = tanh(Dense(E[seq] + P))`` -> ``([B, L, D], mask [B, L])``; the generator reads it."""
-    x = layers.embed(backbone["item_embedding"], seq) + backbone["position_embedding"]
+    positions = backbone["position_embedding"]
+    if seq.shape[-1] != positions.shape[0]:
+        raise ValueError(
+            f"sequence length {seq.shape[-1]} != the model's seq_len {positions.shape[0]}: "
+            "pad or cut sequences to seq_len"
+        )
+    x = layers.embed(backbone["item_embedding"], seq) + positions
     return jax.numpy.tanh(layers.dense(backbone["input_proj"], x)), layers.sequence_mask(seq)
 
 

@@ -25,7 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.generator = ml_collections.ConfigDict()
     config.generator.decoders = "trained"  # trained (paper) | frozen (authors' code)
-    config.generator.decoder_init = "glorot"  # glorot | fmod_normal (authors' code)
+    # auto = glorot for trained decoders, fmod_normal (authors' code) for frozen ones
+    config.generator.decoder_init = "auto"
+    config.generator.hidden_dim = 32  # encoder GRU state (authors: D)
+    config.generator.z_dim = 32  # z, the decoders' input (authors: D)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"

@@ -95,16 +95,37 @@ def test_bad_boundaries_and_ids_are_reported(rng):
     bad[2] = len(seqs[2]) + 1
     with pytest.raises(DataError, match="user 2"):
         build_samples(seqs, val_start, bad, items, SampleConfig(), 0)
-    with pytest.raises(DataError, match=r"item ids must lie in 1\.\.5"):
+    with pytest.raises(DataError, match=r"item id \d+ is outside 1\.\.5"):
         build_samples(seqs, val_start, test_start, 5, SampleConfig(), 0)
 
 
-def test_user_who_touched_every_item_cannot_get_negatives():
-    seqs = [np.array([1, 2, 3, 4])]
-    with pytest.raises(DataError, match="negative sampling"):
-        build_samples(seqs, [2], [3], 4, SampleConfig(), 0)
+def test_user_without_enough_untouched_items_is_named():
+    seqs = [np.array([1, 2]), np.array([1, 2, 3, 4])]
+    with pytest.raises(DataError, match="user 1 touched 4 of 5 items"):
+        build_samples(seqs, [1, 2], [1, 3], 5, SampleConfig(eval_negatives=2), 0)
 
 
-def test_bad_sample_config_names_field():
+def test_negatives_of_one_positive_are_distinct(rng):
+    seqs = [rng.choice(np.arange(1, 13), size=6, replace=False) for _ in range(30)]
+    splits = build_samples(seqs, [3] * 30, [4] * 30, 12, SampleConfig(eval_negatives=5), 0)
+    negatives = splits.test.target.reshape(-1, 6)[:, 1:]  # 5 of the 6 untouched items each
+    assert all(len(set(row)) == 5 for row in negatives.tolist())
+
+
+def test_train_syncs_count_from_min_history(rng):
+    seqs, val_start, test_start, items = _sequences(rng)
+    config = SampleConfig(seq_len=4, sync_every=3, min_history=2)
+    train = build_samples(seqs, val_start, test_start, items, config, seed=0).train
+    for p in np.flatnonzero(train.label == 1):
+        seq = seqs[train.user[p]]
+        t = _position_of(seq, train.target[p])
+        sync = 2 + (t - 2) // 3 * 3
+        k = min(4, sync)
+        np.testing.assert_array_equal(train.trigger_seq[p, :k], seq[sync - k : sync])
+        assert np.all(train.trigger_seq[p, k:] == 0)
+
+
+@pytest.mark.parametrize("value", [0, True, 1.5])
+def test_bad_sample_config_names_field(value):
     with pytest.raises(ConfigError, match="sync_every"):
-        SampleConfig(sync_every=0)
+        SampleConfig(sync_every=value)

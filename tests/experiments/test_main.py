@@ -39,6 +39,10 @@ ROW_KEYS = {
 }
 
 
+def _no_nan(token):
+    raise AssertionError(f"results.json holds {token}: not strict JSON")
+
+
 def _main(*args, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
@@ -60,7 +64,7 @@ def test_main_job_writes_results(model, tmp_path):
         *TINY,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=_no_nan)
     rows = results["rows"]
     assert [(r["model"], r["method"]) for r in rows] == [(model, "base"), (model, "duet")]
     for row in rows:
@@ -78,11 +82,15 @@ def test_defaults_need_no_flags_and_rerun_resumes(tmp_path):
     """No --config and no --workdir: synthetic config, workdir under the current directory."""
     first = _main(*TINY, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    out = tmp_path / "runs" / "synthetic" / "sasrec" / "results.json"
-    rows = json.loads(out.read_text())["rows"]
+    workdir = tmp_path / "runs" / "synthetic" / "sasrec"
+    rows = json.loads((workdir / "results.json").read_text())["rows"]
+    checkpoints = {p: p.stat().st_mtime_ns for p in workdir.glob("*/checkpoints/*")}
+    assert {p.parent.parent.name for p in checkpoints} == {"base", "duet"}
     again = _main(*TINY, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(out.read_text())["rows"] == rows
+    assert json.loads((workdir / "results.json").read_text())["rows"] == rows
+    # nothing was retrained: no checkpoint was written or rewritten
+    assert {p: p.stat().st_mtime_ns for p in workdir.glob("*/checkpoints/*")} == checkpoints
 
 
 def test_bad_override_fails_naming_the_field(tmp_path):

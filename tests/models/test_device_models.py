@@ -32,8 +32,10 @@ def _reference(name, backbone, head, batch, config):
     return fn(backbone, head, batch["click_seq"], batch["target"])
 
 
-@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "din"])
-@pytest.mark.parametrize("mask_padding", [False, True])
+@pytest.mark.parametrize(
+    "name,mask_padding",
+    [("sasrec", False), ("sasrec", True), ("gru4rec", False), ("din", False)],
+)
 def test_apply_matches_numpy_reference(name, mask_padding, rng):
     config = ModelConfig(**{**CONFIG.__dict__, "mask_padding": mask_padding})
     model = get_model(name, config)
@@ -93,3 +95,11 @@ def test_unknown_model_names_the_field():
 def test_bad_model_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         ModelConfig(**{**CONFIG.__dict__, field: value})
+
+
+def test_sasrec_rejects_sequences_of_another_length(rng):
+    model = get_model("sasrec", CONFIG)
+    params = model.init(jax.random.key(0))
+    batch = tiny_batch(rng, 2, CONFIG.seq_len - 1, CONFIG.num_items)
+    with pytest.raises(ValueError, match="sequence length 5 != the model's seq_len 6"):
+        model.apply(params["backbone"], params["head"], batch)
