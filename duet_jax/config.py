@@ -11,17 +11,24 @@ from typing import Any
 
 import ml_collections
 
+from duet_jax.data.protocol import ProtocolConfig
 from duet_jax.data.samples import SampleConfig
 from duet_jax.data.synthetic import SyntheticConfig
+from duet_jax.data.tfds_builders import BUILDERS
 from duet_jax.errors import ConfigError
 from duet_jax.generator import DECODER_INITS, DECODER_MODES, resolve_decoder_init
 from duet_jax.methods import METHODS
 from duet_jax.models import MODELS, ModelConfig
 from duet_jax.training import TrainConfig
 
-DATASETS = ("synthetic",)
+REAL_DATASETS = tuple(BUILDERS)  # built with TFDS from raw files
+DATASETS = ("synthetic", "authors_text", *REAL_DATASETS)
 # config.data fields that shape samples rather than the dataset itself
 SAMPLE_FIELDS = ("num_negatives", "eval_negatives", "sync_every", "min_history")
+PROTOCOL_FIELDS = tuple(f.name for f in dataclasses.fields(ProtocolConfig))
+# config.data fields that say where files are (strings; "" = the default place)
+REAL_SOURCE_FIELDS = ("data_dir", "tfds_dir")
+TEXT_FIELDS = ("train_file", "val_file", "test_file")
 
 
 def _type_error(default: Any, value: Any) -> str | None:
@@ -152,6 +159,41 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
     return config.data.name
 
 
+def _string(config: ml_collections.ConfigDict, name: str) -> str:
+    value = config.data.get(name)
+    if not isinstance(value, str):
+        raise ConfigError(f"config.data.{name}", value, "a string (a path, or '' for the default)")
+    return value
+
+
+def protocol_config(config: ml_collections.ConfigDict) -> ProtocolConfig:
+    """How a real dataset's records become sequences (DESIGN.md §2)."""
+    for name in REAL_SOURCE_FIELDS:
+        _string(config, name)
+    missing = [n for n in PROTOCOL_FIELDS if n not in config.data]
+    if missing:
+        raise ConfigError(f"config.data.{missing[0]}", None, "a value (the field is missing)")
+    return _build(
+        ProtocolConfig,
+        {n: f"config.data.{n}" for n in PROTOCOL_FIELDS},
+        **{n: config.data[n] for n in PROTOCOL_FIELDS},
+    )
+
+
+def text_files(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The authors'-format files; ``val_file`` may be '' (held out from train)."""
+    files = {name: _string(config, name) for name in TEXT_FIELDS}
+    for name in ("train_file", "test_file"):
+        if not files[name]:
+            raise ConfigError(f"config.data.{name}", files[name], "the path of a text file")
+    val_frac = config.data.get("val_frac")
+    if isinstance(val_frac, bool) or not isinstance(val_frac, int | float) or not (
+        0.0 < val_frac < 1.0
+    ):
+        raise ConfigError("config.data.val_frac", val_frac, "a number in (0, 1)")
+    return files
+
+
 def synthetic_config(config: ml_collections.ConfigDict) -> SyntheticConfig:
     fields = {k: v for k, v in config.data.items() if k not in (*SAMPLE_FIELDS, "name", "seed")}
     fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in fields.items()}
@@ -175,20 +217,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     model_config(config, num_items=1)
     generator_options(config)
     sample_config(config)
-    if dataset_name(config) == "synthetic":
+    name = dataset_name(config)
+    if name == "synthetic":
         synthetic_config(config)
+    elif name == "authors_text":
+        text_files(config)
+    else:
+        protocol_config(config)
     train_config(config)
 
 
 def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields that define one (model, method) training run, as JSON-able values.
 
-    Cosmetic fields (progress bars) and the list of methods are left out, so rerunning with
-    another method list or without progress bars still resumes.
+    Cosmetic fields (progress bars), file locations and the list of methods are left out,
+    so rerunning with another method list, without progress bars or with the raw files
+    moved still resumes (the data fingerprint still has to match).
     """
     as_dict = config.to_dict()
     as_dict.pop("methods", None)
     as_dict.get("train", {}).pop("progress", None)
+    for name in REAL_SOURCE_FIELDS:  # where files are; the data fingerprint guards content
+        as_dict.get("data", {}).pop(name, None)
 
     def plain(v):
         if isinstance(v, dict):

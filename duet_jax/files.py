@@ -3,22 +3,26 @@ then rename over it. JSON is strict (NaN/inf become null), so any parser reads i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: readers see the old file or the new, never part."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """A file to write ``path`` through: a unique temp file beside it, fsynced and renamed
+    over ``path`` when the block ends, deleted if the block raises."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -26,6 +30,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: readers see the old file or the new, never part."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def strict_json(obj: Any) -> Any:

@@ -39,7 +39,7 @@ def main(argv):
     )[0]
     workdir = _WORKDIR.value or os.path.join("runs", config_name, config.model)
     logging.info("config %s, workdir %s", config_name, workdir)
-    data = experiment.load_data(config)
+    data = experiment.load_data(config, workdir)
     stats = data.stats()
     print(f"data: {stats}", flush=True)
     rows = experiment.run(config, workdir, data=data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -47,3 +49,18 @@ def tiny_config():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir():
+    """The real raw files (``DUET_DATA_DIR``, set by .ci/run); skips when absent."""
+    path = os.environ.get("DUET_DATA_DIR", "")
+    if not path or not os.path.isdir(path):
+        pytest.skip("DUET_DATA_DIR is not set to the real datasets' directory")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+    """One TFDS data directory shared by the session's real-data tests."""
+    return str(tmp_path_factory.mktemp("tfds"))

@@ -93,3 +93,49 @@ def test_wrongly_typed_field_is_named(group, field, value, expected):
     config[group] = ml_collections.ConfigDict(values)
     with pytest.raises(ConfigError, match=f"config.{group}.{field}=.*expected {expected}"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name", config_lib.REAL_DATASETS)
+def test_every_dataset_config_is_valid_and_names_its_dataset(name):
+    import importlib
+
+    module = importlib.import_module(f"experiments.configs.{name}")
+    for variant in ("", "quick"):
+        config = module.get_config(variant)
+        config_lib.validate(config)
+        assert config.data.name == name
+    assert module.get_config("quick").train.num_epochs < module.get_config().train.num_epochs
+
+
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        ("data.user_core", -1, "config.data.user_core"),
+        ("data.min_rating", -2, "config.data.min_rating"),
+        ("data.val_frac", 0.0, "config.data.val_frac"),
+        ("data.test_frac", 0.95, "config.data.test_frac"),  # val_frac + test_frac >= 1
+        ("data.val_frac", 1.0, "config.data.val_frac"),
+    ],
+)
+def test_bad_protocol_field_raises_error_naming_it(path, value, field):
+    from experiments.configs import movielens_100k
+
+    config = movielens_100k.get_config()
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as info:
+        config_lib.validate(config)
+    assert info.value.field == field
+
+
+def test_authors_text_config_needs_its_files():
+    from experiments.configs import authors_text
+
+    config = authors_text.get_config()
+    with pytest.raises(ConfigError, match=r"config\.data\.train_file=''"):
+        config_lib.validate(config)
+    config.data.train_file = config.data.test_file = "x.txt"
+    config_lib.validate(config)

@@ -73,6 +73,8 @@ class Splits:
     test: SampleSet
     num_users: int
     num_items: int
+    # how the samples were made (dataset statistics); reported, not part of the fingerprint
+    info: dict = dataclasses.field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """sha256 of every split's arrays and id ranges (a resumed run must see the same data)."""
@@ -84,7 +86,7 @@ class Splits:
         return digest.hexdigest()
 
     def stats(self) -> dict:
-        out = {"users": self.num_users, "items": self.num_items}
+        out = {**self.info, "users": self.num_users, "items": self.num_items}
         for name in SPLITS:
             s = getattr(self, name)
             out[f"{name}_samples"] = len(s)

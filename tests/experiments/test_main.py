@@ -43,16 +43,21 @@ def _no_nan(token):
     raise AssertionError(f"results.json holds {token}: not strict JSON")
 
 
-def _main(*args, cwd=ROOT):
+def run_module(module: str, *args, cwd=ROOT):
+    """``python -m module args`` from the repository, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
-        [sys.executable, "-m", "experiments.main", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def _main(*args, cwd=ROOT):
+    return run_module("experiments.main", *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("model", ["sasrec", "din"])
@@ -98,3 +103,23 @@ def test_bad_override_fails_naming_the_field(tmp_path):
     assert run.returncode != 0
     assert "config.seq_len=0 is invalid" in run.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_main_job_runs_on_real_movielens(real_data_dir, tmp_path):
+    run = _main(
+        "--config=experiments/configs/movielens_100k.py",
+        f"--workdir={tmp_path}",
+        f"--config.data.data_dir={real_data_dir}",
+        f"--config.data.tfds_dir={tmp_path / 'tfds'}",
+        "--config.embed_dim=8",
+        "--config.seq_len=8",
+        "--config.sasrec.num_heads=2",
+        "--config.train.num_epochs=1",
+        "--config.train.progress=False",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["base", "duet"]
+    assert all(r["dataset"] == "movielens_100k" and r["auc"] > 0.6 for r in results["rows"])
+    assert results["data"]["raw_interactions"] == 100_000
+    assert list((tmp_path / "data").glob("movielens_100k-*.npz"))

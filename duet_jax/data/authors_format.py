@@ -1,0 +1,148 @@
+"""The DUET authors' released text format, read and written unchanged.
+
+One sample per line, five fields separated by ``;``::
+
+    user;target;trigger_seq;click_seq;label
+    17;532;12,40,7,0,0;12,40,7,9,0;1
+
+Sequences are comma-separated item ids, oldest first, right-padded with 0 (the authors' code
+reads them with ``np.fromstring(..., sep=",")``); ``label`` is 0 or 1. Sequences of any
+length are accepted and fitted to ``seq_len`` by keeping the latest items.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from duet_jax.data.raw import parse_int
+from duet_jax.data.samples import SampleSet, Splits
+from duet_jax.errors import DataError
+from duet_jax.files import write_text_atomic
+
+FIELDS = "user;target;trigger_seq;click_seq;label"
+
+
+def _sequence(text: str, source: str, number: int, field: str, seq_len: int) -> list[int]:
+    """The ids of one sequence field, fitted to ``seq_len`` (latest items kept, 0-padded)."""
+    ids = [parse_int(x, number, source, f"{field} id", 0) for x in text.split(",")] if text else []
+    valid = 0
+    while valid < len(ids) and ids[valid] != 0:
+        valid += 1
+    if any(ids[valid:]):
+        raise DataError(
+            f"{source}, line {number}: {field} is not right-padded: item id "
+            f"{next(x for x in ids[valid:] if x)} follows a padding 0"
+        )
+    kept = ids[max(0, valid - seq_len) : valid]
+    return kept + [0] * (seq_len - len(kept))
+
+
+def read_samples(path: str, seq_len: int) -> SampleSet:
+    """Every line of ``path`` as a :class:`SampleSet` (blank lines are ignored)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (expected lines {FIELDS})")
+    cols: dict[str, list] = {f: [] for f in SampleSet.FIELDS}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}, line {number}: not UTF-8 text ({err})") from None
+            if not line:
+                continue
+            fields = line.split(";")
+            if len(fields) != 5:
+                raise DataError(
+                    f"{path}, line {number}: expected 5 fields {FIELDS} separated by ';', "
+                    f"found {len(fields)}: {line[:80]!r}"
+                )
+            user, target, trigger, click, label = fields
+            cols["user"].append(parse_int(user, number, path, "user", 0))
+            cols["target"].append(parse_int(target, number, path, "target", 1))
+            cols["trigger_seq"].append(_sequence(trigger, path, number, "trigger_seq", seq_len))
+            cols["click_seq"].append(_sequence(click, path, number, "click_seq", seq_len))
+            try:
+                value = float(label)
+            except ValueError:
+                value = None
+            if value not in (0.0, 1.0):
+                raise DataError(f"{path}, line {number}: label {label!r} is not 0 or 1")
+            cols["label"].append(value)
+    if not cols["label"]:
+        raise DataError(f"{path}: no samples (expected lines {FIELDS})")
+    return SampleSet(
+        user=np.asarray(cols["user"], np.int32),
+        click_seq=np.asarray(cols["click_seq"], np.int32).reshape(-1, seq_len),
+        trigger_seq=np.asarray(cols["trigger_seq"], np.int32).reshape(-1, seq_len),
+        target=np.asarray(cols["target"], np.int32),
+        label=np.asarray(cols["label"], np.float32),
+    )
+
+
+def format_samples(samples: SampleSet) -> str:
+    """``samples`` as text in the authors' format (one line per sample)."""
+
+    def seq(row: np.ndarray) -> str:
+        return ",".join(map(str, row.tolist()))
+
+    return "".join(
+        f"{u};{t};{seq(trig)};{seq(click)};{int(label)}\n"
+        for u, t, trig, click, label in zip(
+            samples.user.tolist(),
+            samples.target.tolist(),
+            samples.trigger_seq,
+            samples.click_seq,
+            samples.label.tolist(),
+            strict=True,
+        )
+    )
+
+
+def write_samples(path: str, samples: SampleSet) -> None:
+    """Write ``samples`` in the authors' format, atomically."""
+    write_text_atomic(path, format_samples(samples))
+
+
+def _last_groups(samples: SampleSet, frac: float) -> np.ndarray:
+    """Mask of each user's last ``max(1, floor(frac * groups))`` sample groups, where a group
+    is a run of consecutive rows with the same user and click_seq (a positive and its
+    negatives), so a positive never lands in another split than its negatives."""
+    new = np.ones(len(samples), bool)
+    new[1:] = (samples.user[1:] != samples.user[:-1]) | (
+        samples.click_seq[1:] != samples.click_seq[:-1]
+    ).any(axis=1)
+    group = np.cumsum(new) - 1
+    group_user = samples.user[new]
+    order = np.argsort(group_user, kind="stable")
+    counts = np.bincount(group_user)
+    rank = np.empty(len(group_user), np.int64)  # position of each group within its user
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    rank[order] = np.arange(len(order)) - np.repeat(starts, counts)
+    take = np.maximum(1, np.floor(frac * counts).astype(np.int64))
+    held = rank >= counts[group_user] - take[group_user]
+    return held[group]
+
+
+def _take(samples: SampleSet, mask: np.ndarray) -> SampleSet:
+    return SampleSet(**samples.take(np.flatnonzero(mask)))
+
+
+def load_splits(
+    train_file: str, val_file: str, test_file: str, seq_len: int, val_frac: float = 0.1
+) -> Splits:
+    """Train/validation/test from the authors' files. With no ``val_file`` (their release
+    has train and test only), each user's last ``val_frac`` of train sample groups (file
+    order) is held out for validation, so model selection never sees test."""
+    train = read_samples(train_file, seq_len)
+    test = read_samples(test_file, seq_len)
+    if val_file:
+        val = read_samples(val_file, seq_len)
+    else:
+        held = _last_groups(train, val_frac)
+        train, val = _take(train, ~held), _take(train, held)
+    parts = (train, val, test)
+    num_items = max(int(max(s.target.max(), s.click_seq.max(), s.trigger_seq.max())) for s in parts)
+    num_users = max(int(s.user.max()) for s in parts) + 1
+    return Splits(train=train, val=val, test=test, num_users=num_users, num_items=num_items)

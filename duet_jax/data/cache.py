@@ -1,0 +1,73 @@
+"""Prepared samples cached on disk, keyed by everything that shaped them.
+
+A second run with the same dataset, protocol, sample config and seed loads the arrays
+instead of rebuilding them. The file is written under a temporary name and renamed, so an
+interrupted write never leaves a cache a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from duet_jax.data.samples import SPLITS, SampleSet, Splits
+from duet_jax.files import atomic_file
+
+FORMAT = 1  # bump when the cached layout changes
+
+
+def cache_path(cache_dir: str, key: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps({"format": FORMAT, **key}, sort_keys=True).encode())
+    return os.path.join(cache_dir, f"{key.get('dataset', 'data')}-{digest.hexdigest()[:16]}.npz")
+
+
+def save(path: str, splits: Splits, key: dict[str, Any]) -> None:
+    arrays = {
+        f"{name}.{field}": array
+        for name in SPLITS
+        for field, array in getattr(splits, name).arrays().items()
+    }
+    meta = {
+        "format": FORMAT,
+        "key": key,
+        "num_users": splits.num_users,
+        "num_items": splits.num_items,
+        "info": splits.info,
+    }
+    with atomic_file(path, "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+
+
+def load(path: str, key: dict[str, Any]) -> Splits | None:
+    """The cached splits, or None if ``path`` is missing or was made for another key."""
+    if not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        if meta.get("format") != FORMAT or meta.get("key") != json.loads(json.dumps(key)):
+            return None
+        parts = {
+            name: SampleSet(**{f: z[f"{name}.{f}"] for f in SampleSet.FIELDS}) for name in SPLITS
+        }
+    return Splits(
+        **parts, num_users=meta["num_users"], num_items=meta["num_items"], info=meta["info"]
+    )
+
+
+def cached_splits(
+    cache_dir: str | None, key: dict[str, Any], build: Callable[[], Splits]
+) -> Splits:
+    """``build()``, or its cached result from ``cache_dir`` (no caching when None)."""
+    if cache_dir is None:
+        return build()
+    path = cache_path(cache_dir, key)
+    splits = load(path, key)
+    if splits is None:
+        splits = build()
+        save(path, splits, key)
+    return splits
