@@ -22,8 +22,16 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "ml_collections config file (get_config()).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output directory (default: runs/<config name>/<model>)."
+    "workdir", None, "Output directory (default: runs/<config name>[_<variant>]/<model>)."
 )
+
+
+def default_workdir(config_file: str, model: str) -> str:
+    """``runs/<config name>[_<variant>]/<model>``: "configs/amazon_cds.py:quick" with sasrec
+    -> "runs/amazon_cds_quick/sasrec", so a variant never shares a workdir with the full run."""
+    path, _, variant = config_file.partition(":")
+    name = "_".join(filter(None, [os.path.splitext(os.path.basename(path))[0], variant]))
+    return os.path.join("runs", name, model)
 
 
 def main(argv):
@@ -34,11 +42,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     config_lib.validate(config)
-    config_name = os.path.splitext(
-        os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
-    )[0]
-    workdir = _WORKDIR.value or os.path.join("runs", config_name, config.model)
-    logging.info("config %s, workdir %s", config_name, workdir)
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = _WORKDIR.value or default_workdir(config_file, config.model)
+    logging.info("config %s, workdir %s", config_file, workdir)
     data = experiment.load_data(config, workdir)
     stats = data.stats()
     print(f"data: {stats}", flush=True)

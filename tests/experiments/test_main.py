@@ -123,3 +123,12 @@ def test_main_job_runs_on_real_movielens(real_data_dir, tmp_path):
     assert all(r["dataset"] == "movielens_100k" and r["auc"] > 0.6 for r in results["rows"])
     assert results["data"]["raw_interactions"] == 100_000
     assert list((tmp_path / "data").glob("movielens_100k-*.npz"))
+
+
+def test_default_workdir_keeps_config_variants_apart():
+    from experiments.main import default_workdir
+
+    assert default_workdir("experiments/configs/synthetic.py", "din") == "runs/synthetic/din"
+    assert default_workdir("experiments/configs/amazon_cds.py:quick", "sasrec") == (
+        "runs/amazon_cds_quick/sasrec"
+    )
