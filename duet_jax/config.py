@@ -16,9 +16,11 @@ from duet_jax.data.samples import SampleConfig
 from duet_jax.data.synthetic import SyntheticConfig
 from duet_jax.data.tfds_builders import BUILDERS
 from duet_jax.errors import ConfigError
+from duet_jax.finetune import FinetuneConfig
 from duet_jax.generator import DECODER_INITS, DECODER_MODES, resolve_decoder_init
-from duet_jax.methods import METHODS
+from duet_jax.methods import DUET_VARIANTS, METHODS, TRAINING_MODES
 from duet_jax.models import MODELS, ModelConfig
+from duet_jax.stabiliser import SOFTMAX_OVER
 from duet_jax.training import TrainConfig
 
 REAL_DATASETS = tuple(BUILDERS)  # built with TFDS from raw files
@@ -117,29 +119,59 @@ def model_config(config: ml_collections.ConfigDict, num_items: int) -> ModelConf
     )
 
 
-def generator_options(config: ml_collections.ConfigDict) -> dict:
-    """Keyword arguments for :meth:`duet_jax.duet.Duet.create`."""
-    gen = config.generator
-    if gen.decoders not in DECODER_MODES:
+def _generator_options(gen: dict, where: str) -> dict:
+    """Check generator options (``where`` prefixes field names in errors)."""
+    if gen["decoders"] not in DECODER_MODES:
+        raise ConfigError(f"{where}.decoders", gen["decoders"], f"one of {list(DECODER_MODES)}")
+    if gen["decoder_init"] not in DECODER_INITS:
         raise ConfigError(
-            "config.generator.decoders", gen.decoders, f"one of {list(DECODER_MODES)}"
-        )
-    if gen.decoder_init not in DECODER_INITS:
-        raise ConfigError(
-            "config.generator.decoder_init", gen.decoder_init, f"one of {list(DECODER_INITS)}"
+            f"{where}.decoder_init", gen["decoder_init"], f"one of {list(DECODER_INITS)}"
         )
     try:
-        resolve_decoder_init(gen.decoders, gen.decoder_init)
+        resolve_decoder_init(gen["decoders"], gen["decoder_init"])
     except ValueError as err:
-        raise ConfigError("config.generator.decoder_init", gen.decoder_init, str(err)) from None
-    _int(config, "generator.hidden_dim", 1)
-    _int(config, "generator.z_dim", 1)
-    return {
-        "decoders": gen.decoders,
-        "decoder_init": gen.decoder_init,
-        "hidden_dim": gen.hidden_dim,
-        "z_dim": gen.z_dim,
-    }
+        raise ConfigError(f"{where}.decoder_init", gen["decoder_init"], str(err)) from None
+    for name, low in (("hidden_dim", 1), ("z_dim", 1), ("stabiliser", 0), ("low_rank", 0)):
+        value = gen[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{where}.{name}", value, f"an integer >= {low}")
+    if gen["stabiliser_softmax"] not in SOFTMAX_OVER:
+        raise ConfigError(f"{where}.stabiliser_softmax", gen["stabiliser_softmax"],
+                          f"one of {list(SOFTMAX_OVER)}")
+    if gen["training"] not in TRAINING_MODES:
+        raise ConfigError(f"{where}.training", gen["training"], f"one of {list(TRAINING_MODES)}")
+    return gen
+
+
+GENERATOR_FIELDS = ("decoders", "decoder_init", "hidden_dim", "z_dim", "stabiliser",
+                    "stabiliser_softmax", "low_rank", "training")
+
+
+def generator_options(config: ml_collections.ConfigDict) -> dict:
+    """Keyword arguments for :meth:`duet_jax.duet.Duet.create` plus ``training``."""
+    gen = {name: config.generator[name] for name in GENERATOR_FIELDS}
+    return _generator_options(gen, "config.generator")
+
+
+def method_options(config: ml_collections.ConfigDict, method: str) -> dict:
+    """Generator options and ``training`` for a DUET variant: ``config.generator`` with the
+    variant's overrides (values ``"ablation.X"`` read from ``config.ablation.X``)."""
+    options = generator_options(config)
+    for name, value in DUET_VARIANTS[method].items():
+        if isinstance(value, str) and value.startswith("ablation."):
+            value = config.ablation[value.split(".", 1)[1]]
+        options[name] = value
+    return _generator_options(options, f"config.ablation ({method})")
+
+
+def finetune_config(config: ml_collections.ConfigDict) -> FinetuneConfig:
+    fields = dict(config.finetune)
+    for name in ("steps", "learning_rates"):
+        if isinstance(fields.get(name), list | tuple):
+            fields[name] = tuple(fields[name])
+    fields["select_metric"] = config.train.select_metric
+    fields["progress"] = bool(config.train.progress)
+    return _build(FinetuneConfig, {k: f"config.finetune.{k}" for k in fields}, **fields)
 
 
 def sample_config(config: ml_collections.ConfigDict) -> SampleConfig:
@@ -216,6 +248,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _int(config, "data.seed", 0)
     model_config(config, num_items=1)
     generator_options(config)
+    for name in methods(config):
+        if name in DUET_VARIANTS:
+            method_options(config, name)
+    if "finetune" in methods(config):
+        finetune_config(config)
     sample_config(config)
     name = dataset_name(config)
     if name == "synthetic":
@@ -232,10 +269,13 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     Cosmetic fields (progress bars), file locations and the list of methods are left out,
     so rerunning with another method list, without progress bars or with the raw files
-    moved still resumes (the data fingerprint still has to match).
+    moved still resumes (the data fingerprint still has to match). So are the generator,
+    ablation and fine-tuning fields: each method adds the options it really uses
+    (:func:`method_options`), so a Base run resumes whatever the generator settings.
     """
     as_dict = config.to_dict()
-    as_dict.pop("methods", None)
+    for name in ("methods", "generator", "ablation", "finetune"):
+        as_dict.pop(name, None)
     as_dict.get("train", {}).pop("progress", None)
     for name in REAL_SOURCE_FIELDS:  # where files are; the data fingerprint guards content
         as_dict.get("data", {}).pop(name, None)

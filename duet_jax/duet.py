@@ -36,8 +36,13 @@ class Duet:
         decoder_init: str = "auto",
         hidden_dim: int | None = None,
         z_dim: int | None = None,
+        stabiliser: int = 0,
+        stabiliser_softmax: str = "candidates",
+        low_rank: int = 0,
     ) -> Duet:
-        """Generator for ``model``'s head; GRU and z sizes default to the embedding size D."""
+        """Generator for ``model``'s head; GRU and z sizes default to the embedding size D.
+        ``stabiliser`` (M candidates, 0 = off) and ``low_rank`` (core size k, 0 = full) as
+        :class:`duet_jax.generator.ParameterGenerator` documents."""
         d = model.config.embed_dim
         generator = gen_lib.ParameterGenerator(
             spec=HeadSpec.from_template(model.head_template()),
@@ -45,6 +50,9 @@ class Duet:
             z_dim=z_dim or d,
             decoders=decoders,
             decoder_init=decoder_init,
+            stabiliser=stabiliser,
+            stabiliser_softmax=stabiliser_softmax,
+            low_rank=low_rank,
         )
         gen_lib.resolve_decoder_init(decoders, decoder_init)  # fail here, not at first use
         return cls(model, generator)

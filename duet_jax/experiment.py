@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
+from duet_jax import adaptation, files, finetune
 from duet_jax import config as config_lib
 from duet_jax.data import authors_format, datasets
 from duet_jax.data.cache import cached_splits
 from duet_jax.data.samples import Splits
 from duet_jax.data.synthetic import build_synthetic
-from duet_jax.methods import get_method
+from duet_jax.duet import Duet
+from duet_jax.methods import DUET_VARIANTS, get_method
 from duet_jax.metrics import METRIC_NAMES
 from duet_jax.models import get_model
 from duet_jax.training import train_and_evaluate
@@ -64,11 +71,69 @@ def _file_identity(path: str) -> list | None:
             stat.st_mtime_ns if stat else None]
 
 
+def params_digest(params: Any) -> str:
+    """sha256 of a parameter pytree's leaves (what a dependent run was built on)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        array = np.asarray(leaf)
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _row(model_name: str, method: str, config, test: dict, val: dict, **extra) -> dict:
+    select = config.train.select_metric
+    return {
+        "model": model_name,
+        "method": method,
+        **{k: test[k] for k in METRIC_NAMES},
+        "seed": config.seed,
+        "dataset": config.data.name,
+        f"val_{select}": val[select],
+        **extra,
+    }
+
+
+def _run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) -> dict:
+    """The fine-tuning baseline; its result is stored in ``run_dir/result.json`` and reused
+    when the same Base parameters, data and fine-tuning config come again."""
+    ft_config = config_lib.finetune_config(config)
+    identity = {
+        "finetune": {k: v for k, v in dataclasses.asdict(ft_config).items() if k != "progress"},
+        "base_params": params_digest(base_params),
+        "data": data.fingerprint(),
+        "model": model.name,
+    }
+    identity = json.loads(files.dumps(identity))
+    path = os.path.join(run_dir, "result.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored.get("identity") == identity:
+            return stored["result"]
+    result = finetune.finetune_and_evaluate(model, base_params, data, ft_config)
+    out = {
+        "test": result.test,
+        "val": result.val,
+        "learning_rate": result.learning_rate,
+        "steps": result.steps,
+        "grid": result.grid,
+        "devices": result.devices,
+        "seconds_per_device": result.seconds_per_device,
+    }
+    os.makedirs(run_dir, exist_ok=True)
+    files.write_text_atomic(path, files.dumps({"identity": identity, "result": out}))
+    return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = None) -> list[dict]:
-    """Train every method in ``config.methods`` for ``config.model``; rows for results.json.
+    """Train and evaluate every method in ``config.methods`` for ``config.model``; one row
+    per method for results.json.
 
     Each method's run checkpoints under ``workdir/<method>`` and resumes from there when the
-    same command runs again (a workdir holds one model's experiment).
+    same command runs again (a workdir holds one model's experiment). ``finetune`` and
+    two-stage DUET variants need Base's parameters, so Base is trained first (and reported)
+    whenever one of them is asked for.
     """
     config_lib.validate(config)
     data = load_data(config, workdir) if data is None else data
@@ -76,10 +141,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
     model = get_model(config_lib.model_name(config), model_config)
     train_config = config_lib.train_config(config)
     identity = config_lib.run_identity(config)
-    rows = []
-    for name in config_lib.methods(config):
-        method = get_method(name, model, **config_lib.generator_options(config))
+    names = list(config_lib.methods(config))
+    options = {n: config_lib.method_options(config, n) for n in names if n in DUET_VARIANTS}
+    needs_base = "finetune" in names or any(o["training"] == "two_stage" for o in options.values())
+    if needs_base:
+        names = ["base", *(n for n in names if n != "base")]
+    rows, base_params = [], None
+    for name in names:
         run_dir = os.path.join(workdir, name)
+        if name == "finetune":
+            logging.info("fine-tuning %s on each device in %s", model.name, run_dir)
+            ft = _run_finetune(model, base_params, data, config, run_dir)
+            rows.append(_row(model.name, name, config, ft["test"], ft["val"],
+                             finetune_learning_rate=ft["learning_rate"],
+                             finetune_steps=ft["steps"],
+                             adapt_ms_per_device=1e3 * ft["seconds_per_device"]))
+            continue
+        opts = dict(options.get(name, {}))
+        training = opts.pop("training", "joint")
+        method = get_method(name, model, training=training, base_params=base_params, **opts)
+        run_config = dict(identity)
+        if name in DUET_VARIANTS:
+            run_config["generator"] = {**opts, "training": training}
+            if training == "two_stage":
+                run_config["base_params"] = params_digest(base_params)
         logging.info("training %s/%s in %s", model.name, name, run_dir)
         result = train_and_evaluate(
             method,
@@ -87,20 +172,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
             train_config,
             run_dir,
             seed=config.seed,
-            run_config=identity,
+            run_config=run_config,
             name=f"{model.name}/{name}",
         )
-        rows.append(
-            {
-                "model": model.name,
-                "method": name,
-                **{k: result.test[k] for k in METRIC_NAMES},
-                "seed": config.seed,
-                "dataset": config.data.name,
-                "best_epoch": result.best_epoch,
-                f"val_{train_config.select_metric}": result.val[train_config.select_metric],
-                "train_steps": result.steps,
-                "train_seconds": round(result.train_seconds, 2),
-            }
-        )
+        extra = {}
+        if name == "base":
+            base_params = result.params
+        else:
+            duet = Duet.create(model, **opts)
+            extra["adapt_ms_per_device"] = 1e3 * adaptation.generation_seconds_per_device(
+                duet, result.params, data.test, data.num_users,
+                config_lib.finetune_config(config).group_size,
+            )
+        rows.append(_row(model.name, name, config, result.test, result.val,
+                         best_epoch=result.best_epoch, train_steps=result.steps,
+                         train_seconds=round(result.train_seconds, 2), **extra))
     return rows

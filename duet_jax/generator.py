@@ -17,6 +17,15 @@ Options (DESIGN.md §1 quirk (a)):
   every decoder tensor is ``fmod(N(0, 1), 2)``, the authors' init. ``"auto"`` (default):
   glorot for trained decoders, fmod_normal for frozen ones (the authors' pairing). Frozen
   glorot decoders are refused: their bias leaves would stay exactly zero for ever.
+- ``stabiliser=M`` (0 = off): every decoder writes M candidates that
+  :func:`duet_jax.stabiliser.stabilise` mixes by self-similarity (SWA / MetaStabilizer);
+  ``stabiliser_softmax`` picks the paper's softmax over candidates or the authors' over rows.
+- ``low_rank=k`` (0 = full rank): a matrix leaf ``[in, out]`` with ``k < min(in, out)`` is
+  written as a :class:`duet_jax.lowrank.LowRankKernel`: the decoder generates a ``[k, k]``
+  core per device, and ``U [in, k]``, ``V [k, out]`` are shared, trained parameters
+  (``N(0, 1/k)`` at init, so ``U C V`` has the core's variance: glorot scale). The device
+  model applies it without forming the ``[in, out]`` weight; :func:`duet_jax.lowrank.materialize`
+  forms it. Other leaves (vectors, thin matrices) stay full.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from duet_jax import stabiliser as stabiliser_lib
+from duet_jax.lowrank import LowRankKernel
 from duet_jax.models import layers
 from duet_jax.paramspec import HeadSpec
 
@@ -64,7 +75,7 @@ def _zeros(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
 
 def _glorot_decoder(leaf_shape: tuple[int, ...]):
     def init(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-        z_dim = shape[0]
+        z_dim = shape[-2]  # kernel [Z, size] or, with candidates, [M, Z, size]
         fan_in, fan_out = leaf_shape[-2], leaf_shape[-1]
         std = math.sqrt(2.0 / ((fan_in + fan_out) * z_dim))
         return std * jax.random.normal(rng, shape, dtype)
@@ -72,28 +83,62 @@ def _glorot_decoder(leaf_shape: tuple[int, ...]):
     return init
 
 
+def low_rank_for(shape: tuple[int, ...], rank: int) -> bool:
+    """Whether a leaf of ``shape`` is generated low-rank at ``rank`` (0 = never)."""
+    return rank > 0 and len(shape) == 2 and rank < min(shape)
+
+
+def _factor_init(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """``N(0, 1/k)`` for a low-rank factor ``U [in, k]`` or ``V [k, out]``."""
+    rank = min(shape)
+    return jax.random.normal(rng, shape, dtype) / math.sqrt(rank)
+
+
 class LeafDecoder(nn.Module):
-    """``z [Z]`` -> one head leaf of ``shape`` and ``dtype``."""
+    """``z [Z]`` -> one head leaf of ``shape`` and ``dtype`` (or its low-rank form).
+
+    ``candidates = 0``: ``leaf = reshape(z @ kernel + bias)``. ``candidates = M``: M such
+    decoders (kernel ``[M, Z, size]``) whose outputs the stabiliser mixes.
+    """
 
     shape: tuple[int, ...]
     dtype: Any = jnp.float32
     trainable: bool = True
     init_scheme: str = "glorot"
+    candidates: int = 0
+    softmax_over: str = "candidates"
+    rank: int = 0
 
     @nn.compact
-    def __call__(self, z: Array) -> Array:
-        size = math.prod(self.shape)
+    def __call__(self, z: Array) -> Array | LowRankKernel:
+        low_rank = low_rank_for(self.shape, self.rank)
+        generated = (self.rank, self.rank) if low_rank else self.shape
+        size = math.prod(generated)
         if self.init_scheme == "fmod_normal":
             kernel_init, bias_init = _fmod_normal, _fmod_normal
         elif len(self.shape) >= 2:
             kernel_init, bias_init = _glorot_decoder(self.shape), _zeros
         else:
             kernel_init, bias_init = _zeros, _zeros
-        kernel = self.param("kernel", kernel_init, (z.shape[-1], size))
-        bias = self.param("bias", bias_init, (size,))
+        lead = (self.candidates,) if self.candidates else ()
+        kernel = self.param("kernel", kernel_init, (*lead, z.shape[-1], size))
+        bias = self.param("bias", bias_init, (*lead, size))
+        if low_rank:
+            u = self.param("u", _factor_init, (self.shape[0], self.rank))
+            v = self.param("v", _factor_init, (self.rank, self.shape[1]))
         if not self.trainable:
             kernel, bias = jax.lax.stop_gradient(kernel), jax.lax.stop_gradient(bias)
-        return (z @ kernel + bias).reshape(self.shape).astype(self.dtype)
+            if low_rank:
+                u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+        if self.candidates:
+            # one [Z, M * size] matmul: under vmap a plain GEMM over devices
+            flat = jnp.moveaxis(kernel, 0, 1).reshape(z.shape[-1], -1)
+            out = (z @ flat).reshape(self.candidates, size) + bias
+            out = stabiliser_lib.stabilise(out.reshape(-1, *generated), self.softmax_over)
+        else:
+            out = (z @ kernel + bias).reshape(generated)
+        out = out.astype(self.dtype)
+        return LowRankKernel(u=u, core=out, v=v) if low_rank else out
 
 
 class SequenceEncoder(nn.Module):
@@ -130,6 +175,9 @@ class ParameterGenerator(nn.Module):
     z_dim: int = 32
     decoders: str = "trained"
     decoder_init: str = "auto"
+    stabiliser: int = 0  # M candidates per decoder; 0 = off
+    stabiliser_softmax: str = "candidates"  # "candidates" (paper) | "rows" (authors' code)
+    low_rank: int = 0  # k; 0 = full-rank decoders
 
     def setup(self):
         init_scheme = resolve_decoder_init(self.decoders, self.decoder_init)
@@ -140,6 +188,9 @@ class ParameterGenerator(nn.Module):
                 dtype=dtype,
                 trainable=self.decoders == "trained",
                 init_scheme=init_scheme,
+                candidates=self.stabiliser,
+                softmax_over=self.stabiliser_softmax,
+                rank=self.low_rank,
                 name=decoder_name(path),
             )
             for path, shape, dtype in zip(
@@ -152,7 +203,8 @@ class ParameterGenerator(nn.Module):
         return self.encoder(seq_features, mask)
 
     def decode(self, z: Array) -> Any:
-        """``z [Z]`` -> head pytree (template structure, shapes, dtypes)."""
+        """``z [Z]`` -> head pytree (template structure, shapes, dtypes; low-rank matrix
+        leaves as :class:`LowRankKernel`)."""
         return self.spec.unflatten_leaves([dec(z) for dec in self.leaf_decoders])
 
     def __call__(self, seq_features: Array, mask: Array) -> Any:
@@ -170,5 +222,15 @@ def generate(generator: ParameterGenerator, params, seq_features: Array, mask: A
     """Heads for many devices: ``[N, L, D]``, ``[N, L]`` -> head leaves with leading ``N``.
 
     Pure and vmapped; wrap in ``jax.jit`` (``functools.partial(generate, generator)``).
+    Low-rank leaves come back with a per-device core ``[N, k, k]`` and the shared ``U``, ``V``
+    once (not copied per device).
     """
-    return jax.vmap(generator.apply, in_axes=(None, 0, 0))(params, seq_features, mask)
+    out_axes = generator.spec.unflatten_leaves(
+        [
+            LowRankKernel(u=None, core=0, v=None) if low_rank_for(shape, generator.low_rank) else 0
+            for shape in generator.spec.shapes
+        ]
+    )
+    return jax.vmap(generator.apply, in_axes=(None, 0, 0), out_axes=out_axes)(
+        params, seq_features, mask
+    )

@@ -41,6 +41,14 @@ class DeviceModel:
     def apply(self, backbone: dict, head: dict, batch: dict) -> jax.Array:
         return self.module.apply(backbone, head, batch, self.config)
 
+    def encode(self, backbone: dict, batch: dict) -> dict[str, jax.Array]:
+        """The backbone's features of a batch (what the head reads)."""
+        return self.module.encode(backbone, batch, self.config)
+
+    def head_logits(self, head: dict, features: dict[str, jax.Array]) -> jax.Array:
+        """The head on backbone features -> logits ``[B]``."""
+        return self.module.head_logits(head, features)
+
     def embed_sequence(self, backbone: dict, seq: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.module.embed_sequence(backbone, seq)
 

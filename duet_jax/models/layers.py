@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from duet_jax.lowrank import LowRankKernel
+
 Array = jax.Array
 Params = dict
 
@@ -44,8 +46,15 @@ def dense(params: Params, x: Array) -> Array:
 
     Shared weights: kernel ``[in, out]``, bias ``[out]``, x ``[..., in]``.
     Per-example weights: kernel ``[B, in, out]``, bias ``[B, out]``, x ``[B, ..., in]``.
+    A generated low-rank kernel (:class:`duet_jax.lowrank.LowRankKernel`, shared or
+    per-example core) is applied factor by factor, never formed.
     """
     kernel, bias = params["kernel"], params["bias"]
+    if isinstance(kernel, LowRankKernel):
+        y = kernel.apply(x)
+        if bias.ndim == 1:
+            return y + bias
+        return y + bias.reshape(bias.shape[0], *([1] * (x.ndim - 2)), bias.shape[-1])
     if kernel.ndim == 2:
         return x @ kernel + bias
     if kernel.ndim == 3:

@@ -9,7 +9,9 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = "sasrec"  # sasrec | gru4rec | din
-    config.methods = "base,duet"  # comma-separated: base, duet
+    # comma-separated: base, finetune, duet, and the ablations duet_frozen, duet_stabiliser,
+    # duet_stabiliser_rows, duet_two_stage, duet_low_rank
+    config.methods = "base,duet"
     config.seed = 0  # parameter init and batch order
     config.seq_len = 30  # items per click/trigger sequence (authors: 30)
     config.embed_dim = 32  # D (authors: 32)
@@ -28,6 +30,27 @@ def base_config() -> ml_collections.ConfigDict:
     config.generator.decoder_init = "auto"
     config.generator.hidden_dim = 32  # encoder GRU state (authors: D)
     config.generator.z_dim = 32  # z, the decoders' input (authors: D)
+    # stabiliser (SWA): M candidate decoders mixed by self-similarity; 0 = off (see the
+    # ablation in results/); softmax over "candidates" (paper) or "rows" (authors' code)
+    config.generator.stabiliser = 0
+    config.generator.stabiliser_softmax = "candidates"
+    config.generator.low_rank = 0  # k: generate a k x k core per matrix leaf; 0 = full rank
+    # joint (authors' code) | two_stage (paper's figure: Base first, then the generator alone)
+    config.generator.training = "joint"
+
+    # what the duet_* ablation methods switch to (methods: duet_stabiliser, duet_low_rank, ...)
+    config.ablation = ml_collections.ConfigDict()
+    config.ablation.stabiliser = 5  # M (authors: 5 or 10)
+    config.ablation.low_rank = 8  # k
+
+    # on-device fine-tuning baseline (method "finetune"): each device starts from Base and
+    # takes Adam steps on its own most recent labelled rows; (rate, steps) picked on validation
+    config.finetune = ml_collections.ConfigDict()
+    config.finetune.steps = (1, 5, 20, 50)
+    config.finetune.learning_rates = (1e-3, 1e-2)
+    config.finetune.params = "head"  # head | all
+    config.finetune.num_samples = 64  # most recent labelled rows per device
+    config.finetune.group_size = 64  # devices per vmapped group
 
     config.data = ml_collections.ConfigDict()
     config.data.seed = 0  # negatives (and, for synthetic data, the fleet)

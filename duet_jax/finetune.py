@@ -1,0 +1,336 @@
+"""On-device fine-tuning baseline, vmapped across devices.
+
+Every device (user) starts from the trained Base parameters and takes ``k`` Adam steps on
+its own most recent labelled samples, then scores its own evaluation samples. This is what
+the paper compares DUET against: adaptation with a gradient on the device.
+
+Two stages, so that nothing is selected on test:
+- **validation**: each device fine-tunes on its ``num_samples`` most recent cloud-train rows
+  and scores its cloud-validation rows. Every ``(learning_rate, steps)`` in the config's grid
+  is scored this way; the best by ``select_metric`` is kept.
+- **test**: each device fine-tunes with the kept setting on its ``num_samples`` most recent
+  rows before the device-test period (validation rows first, then train rows), and scores
+  its device-test rows.
+
+Shapes are static so ``jit`` compiles once per bucket: devices run in groups of
+``group_size`` (the last group padded with empty devices), each device's fine-tuning rows are
+padded to ``num_samples`` (``weight = 0``) and its evaluation rows to a power of two. A padded
+row has zero weight in the loss, so padding never changes a device's result. Devices are
+sorted by evaluation-row count so a group's bucket fits its devices closely.
+
+``params="head"`` fine-tunes the head only (the backbone's features of a device's rows are
+computed once, as a device would cache them); ``params="all"`` fine-tunes every parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from duet_jax import metrics
+from duet_jax.data.samples import SampleSet, Splits
+from duet_jax.errors import ConfigError
+from duet_jax.models import DeviceModel
+
+Array = jax.Array
+PARAM_MODES = ("head", "all")
+ROW_FIELDS = ("click_seq", "target", "label")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    steps: tuple[int, ...] = (1, 5, 20, 50)  # candidate step counts, chosen on validation
+    learning_rates: tuple[float, ...] = (1e-3, 1e-2)  # candidate Adam rates, chosen likewise
+    params: str = "head"  # "head" | "all"
+    num_samples: int = 64  # most recent labelled rows a device fine-tunes on
+    group_size: int = 64  # devices per vmapped group
+    select_metric: str = "auc"
+    progress: bool = True
+
+    def __post_init__(self):
+        def fail(name, expected):
+            raise ConfigError(f"config.finetune.{name}", getattr(self, name), expected)
+
+        steps = tuple(self.steps)
+        if not steps or any(
+            isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0 for s in steps
+        ):
+            fail("steps", "a non-empty tuple of integers >= 0")
+        if len(set(steps)) != len(steps):
+            fail("steps", "distinct step counts")
+        rates = tuple(self.learning_rates)
+        if not rates or any(
+            isinstance(r, bool) or not isinstance(r, int | float) or not (r > 0)
+            or not math.isfinite(r)
+            for r in rates
+        ):
+            fail("learning_rates", "a non-empty tuple of finite numbers > 0")
+        if self.params not in PARAM_MODES:
+            fail("params", f"one of {list(PARAM_MODES)}")
+        for name in ("num_samples", "group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, "an integer >= 1")
+        if self.select_metric not in metrics.METRIC_NAMES:
+            fail("select_metric", f"one of {list(metrics.METRIC_NAMES)}")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    test: dict[str, float]  # test metrics with the kept (learning_rate, steps)
+    val: dict[str, float]  # validation metrics of the kept setting
+    learning_rate: float
+    steps: int
+    grid: list[dict]  # every (learning_rate, steps) with its validation metrics
+    devices: int  # devices fine-tuned for the test stage
+    seconds_per_device: float  # adaptation wall time per device, vmapped groups, after warm-up
+
+
+# ------------------------------------------------------------------ devices and their rows
+
+
+def rows_by_user(user: np.ndarray, num_users: int) -> list[np.ndarray]:
+    """Row indices of each user ``0..num_users-1``, in storage (chronological) order."""
+    order = np.argsort(user, kind="stable")
+    counts = np.bincount(user, minlength=num_users)
+    return np.split(order, np.cumsum(counts)[:-1])
+
+
+@dataclasses.dataclass
+class Stage:
+    """One fine-tune-then-score stage over all devices.
+
+    ``pool`` holds the rows devices fine-tune on, ``evaluation`` the rows they score;
+    ``tune_rows[d]`` / ``eval_rows[d]`` index them for device ``devices[d]``.
+    """
+
+    pool: dict[str, np.ndarray]
+    evaluation: SampleSet
+    devices: np.ndarray  # [D] user ids, sorted by evaluation-row count (descending)
+    tune_rows: list[np.ndarray]
+    eval_rows: list[np.ndarray]
+
+
+def _concat(sets: list[SampleSet]) -> dict[str, np.ndarray]:
+    return {f: np.concatenate([getattr(s, f) for s in sets]) for f in ROW_FIELDS}
+
+
+def make_stage(tune_sets: list[SampleSet], evaluation: SampleSet, num_users: int,
+               num_samples: int) -> Stage:
+    """Devices = users with evaluation rows; each fine-tunes on its ``num_samples`` most
+    recent rows of ``tune_sets`` (in order: later sets are more recent)."""
+    offsets = np.cumsum([0] + [len(s) for s in tune_sets])
+    per_set = [rows_by_user(s.user, num_users) for s in tune_sets]
+    eval_by_user = rows_by_user(evaluation.user, num_users)
+    counts = np.array([len(r) for r in eval_by_user])
+    devices = np.flatnonzero(counts > 0)
+    devices = devices[np.argsort(-counts[devices], kind="stable")]
+    tune_rows = []
+    for u in devices:
+        rows = np.concatenate([per_set[i][u] + offsets[i] for i in range(len(tune_sets))])
+        tune_rows.append(rows[-num_samples:])
+    return Stage(
+        pool=_concat(tune_sets),
+        evaluation=evaluation,
+        devices=devices,
+        tune_rows=tune_rows,
+        eval_rows=[eval_by_user[u] for u in devices],
+    )
+
+
+def _bucket(n: int, low: int = 8) -> int:
+    """Next power of two >= max(n, low): few distinct shapes, so few compilations."""
+    return max(low, 1 << max(n - 1, 0).bit_length())
+
+
+def _pad_rows(rows: list[np.ndarray], width: int, group: int) -> np.ndarray:
+    """``[group, width]`` row indices, -1 where padded (rows beyond a device, empty devices)."""
+    out = np.full((group, width), -1, np.int64)
+    for d, r in enumerate(rows):
+        out[d, : len(r)] = r
+    return out
+
+
+def _gather(arrays: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows ``index [G, S]`` (-1 = padding) -> batch ``[G, S, ...]`` with ``weight``."""
+    safe = np.maximum(index, 0)
+    batch = {f: arrays[f][safe] for f in ROW_FIELDS}
+    batch["weight"] = (index >= 0).astype(np.float32)
+    return batch
+
+
+def stage_groups(stage: Stage, group_size: int, num_samples: int):
+    """Yield ``(first_device, count, tune_batch [G, S], eval_batch [G, E], eval_index)``."""
+    eval_arrays = {f: getattr(stage.evaluation, f) for f in ROW_FIELDS}
+    for start in range(0, len(stage.devices), group_size):
+        tune = stage.tune_rows[start : start + group_size]
+        evaluate = stage.eval_rows[start : start + group_size]
+        width = _bucket(max(len(r) for r in evaluate))
+        eval_index = _pad_rows(evaluate, width, group_size)
+        yield (
+            start,
+            len(tune),
+            _gather(stage.pool, _pad_rows(tune, num_samples, group_size)),
+            _gather(eval_arrays, eval_index),
+            eval_index,
+        )
+
+
+# ---------------------------------------------------------------- vmapped fine-tuning
+
+
+def _bce(logits: Array, labels: Array, weights: Array) -> Array:
+    losses = optax.sigmoid_binary_cross_entropy(logits, labels)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _split_params(params: dict, mode: str) -> tuple[Any, Any]:
+    """-> ``(trainable, fixed)``: the head and the backbone, or everything and nothing."""
+    if mode == "head":
+        return params["head"], params["backbone"]
+    return params, None
+
+
+def _device_fns(model: DeviceModel, mode: str):
+    """``prepare(fixed, batch) -> inputs`` and ``logits(trainable, fixed, inputs)`` for one
+    device. Head mode prepares backbone features once (the backbone does not change)."""
+    if mode == "head":
+        return (
+            lambda fixed, batch: model.encode(fixed, batch),
+            lambda head, fixed, features: model.head_logits(head, features),
+        )
+    return (
+        lambda fixed, batch: batch,
+        lambda params, fixed, batch: model.apply(params["backbone"], params["head"], batch),
+    )
+
+
+def _adapt(model: DeviceModel, mode: str, trainable, fixed, tune_batch: dict,
+           learning_rate: Array, schedule: tuple[int, ...], on_checkpoint: Callable):
+    """Adam on one device's rows; ``on_checkpoint(trainable)`` after each count in the sorted
+    ``schedule`` (0 = before any step). Returns the list of what it returned."""
+    prepare, logits = _device_fns(model, mode)
+    inputs = prepare(fixed, tune_batch)
+    optimizer = optax.adam(learning_rate)
+
+    def loss(p):
+        return _bce(logits(p, fixed, inputs), tune_batch["label"], tune_batch["weight"])
+
+    def step(_, state):
+        p, opt_state = state
+        grads = jax.grad(loss)(p)
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state
+
+    state, done, outputs = (trainable, optimizer.init(trainable)), 0, []
+    for count in schedule:
+        state = jax.lax.fori_loop(0, count - done, step, state)
+        done = count
+        outputs.append(on_checkpoint(state[0]))
+    return outputs
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mode", "schedule"))
+def finetune_and_score(model: DeviceModel, mode: str, trainable, fixed, tune_batch: dict,
+                       eval_batch: dict, learning_rate: Array, schedule: tuple[int, ...]) -> Array:
+    """Fine-tune every device of a group and score its evaluation rows after each step count
+    in ``schedule`` (sorted). ``tune_batch [G, S, ...]``, ``eval_batch [G, E, ...]`` ->
+    logits ``[len(schedule), G, E]``."""
+    prepare, logits = _device_fns(model, mode)
+
+    def one(tune, evaluate):
+        eval_inputs = prepare(fixed, evaluate)
+        outs = _adapt(model, mode, trainable, fixed, tune, learning_rate, schedule,
+                      lambda p: logits(p, fixed, eval_inputs))
+        return jnp.stack(outs)
+
+    return jnp.swapaxes(jax.vmap(one)(tune_batch, eval_batch), 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mode", "steps"))
+def finetune_params(model: DeviceModel, mode: str, trainable, fixed, tune_batch: dict,
+                    learning_rate: Array, steps: int):
+    """Adaptation alone (what a device runs): ``steps`` Adam steps per device of a group ->
+    the fine-tuned trainable parameters with a leading ``[G]`` axis."""
+
+    def one(tune):
+        return _adapt(model, mode, trainable, fixed, tune, learning_rate, (steps,),
+                      lambda p: p)[0]
+
+    return jax.vmap(one)(tune_batch)
+
+
+def run_stage(model: DeviceModel, params: dict, stage: Stage, config: FinetuneConfig,
+              learning_rate: float, schedule: tuple[int, ...], desc: str) -> np.ndarray:
+    """Logits ``[len(schedule), N_eval]`` of every evaluation row, in storage order."""
+    trainable, fixed = _split_params(params, config.params)
+    out = np.zeros((len(schedule), len(stage.evaluation)), np.float32)
+    groups = stage_groups(stage, config.group_size, config.num_samples)
+    total = -(-len(stage.devices) // config.group_size)
+    for _, count, tune, evaluate, index in tqdm(groups, total=total, desc=desc, unit="group",
+                                                disable=not config.progress, leave=False):
+        logits = np.asarray(finetune_and_score(model, config.params, trainable, fixed, tune,
+                                               evaluate, jnp.float32(learning_rate), schedule))
+        valid = index[:count] >= 0
+        out[:, index[:count][valid]] = logits[:, :count][:, valid]
+    return out
+
+
+def time_adaptation(model: DeviceModel, params: dict, stage: Stage, config: FinetuneConfig,
+                    learning_rate: float, steps: int) -> float:
+    """Wall seconds per device of fine-tuning alone (vmapped groups), after one warm-up."""
+    trainable, fixed = _split_params(params, config.params)
+    batches = [tune for _, _, tune, _, _ in stage_groups(stage, config.group_size,
+                                                         config.num_samples)]
+    if not batches:
+        return float("nan")
+    lr = jnp.float32(learning_rate)
+    jax.block_until_ready(finetune_params(model, config.params, trainable, fixed, batches[0],
+                                          lr, steps))
+    started = time.perf_counter()
+    for tune in batches:
+        jax.block_until_ready(finetune_params(model, config.params, trainable, fixed, tune, lr,
+                                              steps))
+    return (time.perf_counter() - started) / len(stage.devices)
+
+
+def _score(metric: str, value: float) -> float:
+    if not math.isfinite(value):
+        return -math.inf
+    return -value if metric == "logloss" else value
+
+
+def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
+                          config: FinetuneConfig) -> FinetuneResult:
+    """Select ``(learning_rate, steps)`` on validation, then report device-test."""
+    val_stage = make_stage([data.train], data.val, data.num_users, config.num_samples)
+    schedule = tuple(sorted(config.steps))
+    grid, best = [], None
+    for lr in config.learning_rates:
+        logits = run_stage(model, base_params, val_stage, config, lr, schedule,
+                           f"finetune val lr={lr:g}")
+        for steps, row in zip(schedule, logits, strict=True):
+            val = metrics.evaluate(data.val.user, data.val.label, row)
+            grid.append({"learning_rate": lr, "steps": steps, "val": val})
+            score = _score(config.select_metric, val[config.select_metric])
+            if best is None or score > best[0]:
+                best = (score, lr, steps, val)
+    _, lr, steps, val = best
+    test_stage = make_stage([data.train, data.val], data.test, data.num_users,
+                            config.num_samples)
+    logits = run_stage(model, base_params, test_stage, config, lr, (steps,), "finetune test")
+    test = metrics.evaluate(data.test.user, data.test.label, logits[0])
+    seconds = time_adaptation(model, base_params, test_stage, config, lr, steps)
+    return FinetuneResult(test=test, val=val, learning_rate=lr, steps=steps, grid=grid,
+                          devices=len(test_stage.devices), seconds_per_device=seconds)
+

@@ -1,0 +1,187 @@
+"""The paper's comparison: Base vs on-device fine-tuning vs DUET, over datasets, models, seeds.
+
+    python -m experiments.paper_table --datasets=movielens_100k,amazon_cds:quick \\
+        --models=sasrec,gru4rec,din --seeds=3 --workdir=results/paper
+
+Every (dataset, model, seed) *cell* trains Base and DUET, fine-tunes Base on every device
+(:mod:`duet_jax.finetune`), selects each on validation and evaluates device-test once; the
+cells named by ``--ablation`` also train the DUET ablations (frozen decoders, stabiliser over
+candidates or rows, two-stage, low-rank). A dataset may carry its config variant after a
+colon (``amazon_cds:quick``); ``--set train.num_epochs=4`` overrides a field in every cell.
+
+Outputs in ``--workdir``: ``paper_table.{md,json,csv}``, ``ablation.md``, ``paper_auc.png``,
+and per cell ``cells/<dataset>/<model>/seed<k>/rows.json``. The command resumes: a cell with a
+``rows.json`` written under the same config is not recomputed, and a cell interrupted midway
+resumes from its orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+from duet_jax import config as config_lib
+from duet_jax import experiment, files
+from experiments import paper_report, report
+
+_DATASETS = flags.DEFINE_list(
+    "datasets",
+    ["movielens_100k", "amazon_cds:quick", "amazon_beauty:quick", "douban_book"],
+    "Datasets (config names in experiments/configs), each optionally ':variant'.",
+)
+_MODELS = flags.DEFINE_list("models", ["sasrec", "gru4rec", "din"], "Device models.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..seeds-1 per (dataset, model).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/paper_table", "Output directory.")
+_ABLATION = flags.DEFINE_list(
+    "ablation",
+    ["movielens_100k/sasrec"],
+    "dataset/model pairs whose cells also train the DUET ablations ('' for none).",
+)
+_SET = flags.DEFINE_multi_string(
+    "set", [], "Config override for every cell, e.g. --set=train.num_epochs=4 (repeatable)."
+)
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Only rebuild the tables from finished cells; train nothing."
+)
+
+MAIN_METHODS = "base,finetune,duet"
+ABLATIONS = ",".join(paper_report.ABLATION_METHODS[1:])
+
+
+def parse_value(text: str):
+    """A Python literal (``4``, ``1e-3``, ``(1, 5)``, ``True``) or else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config, overrides: list[str]) -> None:
+    """Apply ``field.path=value`` overrides; an unknown field or bad value names itself."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"--set={item!r}: expected FIELD=VALUE, e.g. train.num_epochs=4")
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if hasattr(node, "get") else None
+            if node is None:
+                raise app.UsageError(f"--set={item!r}: config has no field {path!r}")
+        if leaf not in node:
+            raise app.UsageError(f"--set={item!r}: config has no field {path!r}")
+        try:
+            setattr(node, leaf, parse_value(text))
+        except (TypeError, ValueError) as err:
+            raise app.UsageError(f"--set={item!r}: {err}") from None
+
+
+def cell_config(dataset_spec: str, model: str, seed: int, ablation: bool, overrides: list[str]):
+    """The experiment config of one cell."""
+    name, _, variant = dataset_spec.partition(":")
+    try:
+        module = importlib.import_module(f"experiments.configs.{name}")
+    except ModuleNotFoundError:
+        raise app.UsageError(
+            f"--datasets: no config experiments/configs/{name}.py "
+            f"(known: {', '.join(config_lib.DATASETS)})"
+        ) from None
+    config = module.get_config(variant) if variant else module.get_config()
+    config.model = model
+    config.seed = seed
+    config.methods = MAIN_METHODS + ("," + ABLATIONS if ablation else "")
+    apply_overrides(config, overrides)
+    config_lib.validate(config)
+    return config
+
+
+def cell_dir(workdir: str, dataset_spec: str, model: str, seed: int) -> str:
+    return os.path.join(workdir, "cells", dataset_spec.replace(":", "_"), model, f"seed{seed}")
+
+
+def cell_identity(config) -> dict:
+    """What a cell's results depend on: the config less the method list (checked row by row),
+    progress bars and file locations."""
+    identity = json.loads(files.dumps(config.to_dict()))
+    identity.pop("methods", None)
+    identity["train"].pop("progress", None)
+    for name in config_lib.REAL_SOURCE_FIELDS:
+        identity["data"].pop(name, None)
+    return identity
+
+
+def load_cell(path: str, identity: dict, methods: tuple[str, ...],
+              partial: bool = False) -> list[dict] | None:
+    """The rows of a finished cell: None if absent, written under another config, or
+    missing one of ``methods`` (unless ``partial``: then whatever rows it has)."""
+    rows_path = os.path.join(path, "rows.json")
+    if not os.path.exists(rows_path):
+        return None
+    with open(rows_path) as f:
+        stored = json.load(f)
+    if stored.get("identity") != identity:
+        return None
+    rows = [r for r in stored["rows"] if r["method"] in methods]
+    complete = {r["method"] for r in rows} == set(methods)
+    return rows if complete or (partial and rows) else None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    workdir = _WORKDIR.value
+    ablation = {tuple(p.split("/", 1)) for p in _ABLATION.value if p}
+    cells = [
+        (d, m, s, (d.partition(":")[0], m) in ablation)
+        for d in _DATASETS.value for m in _MODELS.value for s in range(_SEEDS.value)
+    ]
+    configs = {c[:3]: cell_config(*c, _SET.value) for c in cells}  # fail early on bad input
+    rows, missing, data_cache = [], [], {}
+    for dataset, model, seed, _ in cells:
+        config = configs[(dataset, model, seed)]
+        path = cell_dir(workdir, dataset, model, seed)
+        identity = cell_identity(config)
+        methods = config_lib.methods(config)
+        done = load_cell(path, identity, methods, partial=_REPORT_ONLY.value)
+        if done is None and not _REPORT_ONLY.value:
+            print(f"cell {dataset} / {model} / seed {seed}", flush=True)
+            key = (dataset, json.dumps(identity["data"], sort_keys=True))
+            if key not in data_cache:
+                data_cache.clear()  # one dataset's samples in memory at a time
+                data_cache[key] = experiment.load_data(config, workdir)
+            started = time.perf_counter()
+            done = experiment.run(config, path, data=data_cache[key])
+            files.write_text_atomic(
+                os.path.join(path, "rows.json"),
+                files.dumps({"identity": identity, "config": config.to_dict(), "rows": done,
+                             "wall_seconds": round(time.perf_counter() - started, 1),
+                             "environment": report.environment()}),
+            )
+        if done is None:
+            missing.append(f"{dataset} / {model} / seed {seed}")
+            continue
+        rows.extend({**r, "dataset": dataset} for r in done)
+    meta = {
+        "command": "python -m experiments.paper_table " + " ".join(
+            f"--{n}={','.join(v) if isinstance(v, list) else v}"
+            for n, v in (("datasets", _DATASETS.value), ("models", _MODELS.value),
+                         ("seeds", _SEEDS.value), ("workdir", workdir),
+                         ("ablation", _ABLATION.value))
+        ) + "".join(f" --set={s}" for s in _SET.value),
+        "cells": len(cells),
+        "missing": missing,
+        "environment": report.environment(),
+    }
+    print(paper_report.write_tables(workdir, rows, meta))
+    print(f"written to {os.path.abspath(workdir)}/paper_table.{{md,json,csv}}, paper_auc.png")
+
+
+if __name__ == "__main__":
+    app.run(main)
