@@ -1,0 +1,144 @@
+"""The on-device fine-tuning baseline: Base at 0 steps, vmap == loop, padding-invariance."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from duet_jax import config as config_lib
+from duet_jax import experiment, finetune
+from duet_jax.errors import ConfigError
+from duet_jax.methods import base_method
+from duet_jax.models import get_model
+from duet_jax.training import evaluate, predict
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = tiny_config()
+    data = experiment.load_data(config)
+    models = {
+        name: get_model(name, config_lib.model_config(config, data.num_items))
+        for name in ("sasrec", "din")
+    }
+    params = {name: m.init(jax.random.key(1)) for name, m in models.items()}
+    return data, models, params
+
+
+def _config(**kw):
+    defaults = dict(steps=(0, 3), learning_rates=(1e-2,), num_samples=12, group_size=8,
+                    progress=False)
+    return finetune.FinetuneConfig(**{**defaults, **kw})
+
+
+def _test_stage(data, num_samples):
+    return finetune.make_stage([data.train, data.val], data.test, data.num_users, num_samples)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "din"])
+@pytest.mark.parametrize("mode", finetune.PARAM_MODES)
+def test_zero_steps_equals_base(setup, name, mode):
+    data, models, params = setup
+    model = models[name]
+    result = finetune.finetune_and_evaluate(
+        model, params[name], data, _config(steps=(0,), params=mode)
+    )
+    logits_fn = jax.jit(base_method(model).logits)
+    base_test = evaluate(logits_fn, params[name], data.test, 256)
+    base_val = evaluate(logits_fn, params[name], data.val, 256)
+    assert result.steps == 0
+    for key, value in base_test.items():
+        assert result.test[key] == pytest.approx(value, abs=1e-6), key
+    for key, value in base_val.items():
+        assert result.val[key] == pytest.approx(value, abs=1e-6), key
+    # and row by row: every device's logits are Base's
+    stage = _test_stage(data, 12)
+    ft = finetune.run_stage(model, params[name], stage, _config(params=mode), 1e-2, (0,), "t")
+    base = predict(logits_fn, params[name], data.test, 256)
+    np.testing.assert_allclose(ft[0], base, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", finetune.PARAM_MODES)
+def test_vmapped_groups_equal_a_loop_over_single_devices(setup, mode):
+    data, models, params = setup
+    model = models["sasrec"]
+    stage = _test_stage(data, 12)
+    grouped = finetune.run_stage(model, params["sasrec"], stage, _config(params=mode), 1e-2,
+                                 (0, 3), "g")
+    # the loop: each device alone, one at a time
+    single = _config(params=mode, group_size=1)
+    looped = np.zeros_like(grouped)
+    for d in range(len(stage.devices)):
+        one = dataclasses.replace(stage, devices=stage.devices[d : d + 1],
+                                  tune_rows=stage.tune_rows[d : d + 1],
+                                  eval_rows=stage.eval_rows[d : d + 1])
+        out = finetune.run_stage(model, params["sasrec"], one, single, 1e-2, (0, 3), "l")
+        rows = stage.eval_rows[d]
+        looped[:, rows] = out[:, rows]
+    np.testing.assert_allclose(grouped, looped, rtol=2e-5, atol=2e-6)
+    assert not np.allclose(grouped[0], grouped[1])  # three steps did move the devices
+
+
+def test_padding_a_devices_rows_does_not_change_its_result(setup):
+    data, models, params = setup
+    model = models["din"]
+    stage = _test_stage(data, 12)
+    assert max(len(r) for r in stage.tune_rows) <= 12  # so 40 only adds padding
+    small = finetune.run_stage(model, params["din"], stage, _config(num_samples=12), 1e-2,
+                               (3,), "s")
+    padded = finetune.run_stage(model, params["din"], stage,
+                                _config(num_samples=40, group_size=5), 1e-2, (3,), "p")
+    np.testing.assert_allclose(small, padded, rtol=2e-5, atol=2e-6)
+
+
+def test_stages_take_each_devices_most_recent_rows(setup):
+    data, _, _ = setup
+    stage = _test_stage(data, 7)
+    n_train = len(data.train)
+    for u, tune, ev in zip(stage.devices, stage.tune_rows, stage.eval_rows, strict=True):
+        mine = np.concatenate([np.flatnonzero(data.train.user == u),
+                               n_train + np.flatnonzero(data.val.user == u)])
+        np.testing.assert_array_equal(tune, mine[-7:])
+        np.testing.assert_array_equal(ev, np.flatnonzero(data.test.user == u))
+    assert set(stage.devices) == set(np.unique(data.test.user))
+    counts = [len(r) for r in stage.eval_rows]
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_fine_tuning_lowers_each_devices_own_loss(setup):
+    data, models, params = setup
+    model = models["sasrec"]
+    stage = _test_stage(data, 12)
+    _, _, tune, _, _ = next(finetune.stage_groups(stage, 8, 12))
+    head0 = params["sasrec"]["head"]
+    heads = finetune.finetune_params(model, "head", head0, params["sasrec"]["backbone"], tune,
+                                     jnp.float32(1e-2), 10)
+
+    def loss(head, rows):
+        feats = model.encode(params["sasrec"]["backbone"], rows)
+        return finetune._bce(model.head_logits(head, feats), rows["label"], rows["weight"])
+
+    for d in range(8):
+        rows = jax.tree.map(lambda x, d=d: x[d], tune)
+        if rows["weight"].sum() == 0:
+            continue
+        head = jax.tree.map(lambda x, d=d: x[d], heads)
+        assert loss(head, rows) < loss(head0, rows)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("steps", ()), ("steps", (1, -2)), ("steps", (3, 3)), ("learning_rates", (0.0,)),
+     ("params", "backbone"), ("num_samples", 0), ("group_size", 0)],
+)
+def test_bad_finetune_config_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"config\.finetune\.{field}"):
+        finetune.FinetuneConfig(**{field: value})
+    config = tiny_config()
+    config.methods = "base,finetune"
+    config.finetune[field] = value
+    with pytest.raises(ConfigError, match=rf"config\.finetune\.{field}"):
+        config_lib.validate(config)
