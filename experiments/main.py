@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from duet_jax import config as config_lib
 from duet_jax import experiment
-from experiments import report
+from experiments import cli, report
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "synthetic.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,11 +35,7 @@ def default_workdir(config_file: str, model: str) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        # orbax and jax log every checkpoint operation at INFO; keep the console readable.
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     config = _CONFIG.value
     config_lib.validate(config)
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])

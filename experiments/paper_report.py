@@ -104,7 +104,7 @@ def plot_auc(summary: list[dict], path: str) -> None:
         return
     models = list(dict.fromkeys(e["model"] for e in main))
     datasets = list(dict.fromkeys(e["dataset"] for e in main))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False,
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.9), squeeze=False,
                              sharey=True)
     width = 0.8 / len(MAIN_METHODS)
     for ax, model in zip(axes[0], models, strict=True):
@@ -114,15 +114,17 @@ def plot_auc(summary: list[dict], path: str) -> None:
             xs = [j + (i - 1) * width for j, d in enumerate(datasets) if d in by_data]
             means = [by_data[d]["auc_mean"] for d in datasets if d in by_data]
             stds = [by_data[d]["auc_std"] or 0.0 for d in datasets if d in by_data]
-            ax.bar(xs, means, width, yerr=stds, capsize=3, label=method)
+            ax.bar(xs, means, width, yerr=stds, capsize=3, label=method if ax is axes[0][0]
+                   else None, color=f"C{i}")
         ax.set_title(model)
         ax.set_xticks(range(len(datasets)), datasets, rotation=20, ha="right")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test AUC (mean ± std over seeds)")
     lows = [e["auc_mean"] - (e["auc_std"] or 0.0) for e in main]
-    axes[0][0].set_ylim(max(0.0, min(lows) - 0.05), 1.0)
-    axes[0][-1].legend(loc="lower right")
-    fig.tight_layout()
+    highs = [e["auc_mean"] + (e["auc_std"] or 0.0) for e in main]
+    axes[0][0].set_ylim(max(0.0, min(lows) - 0.03), min(1.0, max(highs) + 0.02))
+    fig.legend(loc="upper center", ncol=len(MAIN_METHODS), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     with files.atomic_file(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)

@@ -23,11 +23,11 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from duet_jax import config as config_lib
 from duet_jax import experiment, files
-from experiments import paper_report, report
+from experiments import cli, paper_report, report
 
 _DATASETS = flags.DEFINE_list(
     "datasets",
@@ -132,10 +132,7 @@ def load_cell(path: str, identity: dict, methods: tuple[str, ...],
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     workdir = _WORKDIR.value
     ablation = {tuple(p.split("/", 1)) for p in _ABLATION.value if p}
     cells = [

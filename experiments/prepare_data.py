@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from duet_jax import config as config_lib
 from duet_jax import experiment
 from duet_jax.files import dumps, write_text_atomic
+from experiments import cli
 
 _DATASET = flags.DEFINE_enum("dataset", None, list(config_lib.REAL_DATASETS), "Dataset to build.")
 _DATA_DIR = flags.DEFINE_string(
@@ -41,10 +42,7 @@ flags.mark_flags_as_required(["dataset", "out"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # TFDS logs every build step at INFO
+    cli.start(argv)
     config = _CONFIG.value.copy_and_resolve_references()
     with config.unlocked():
         config.data.name = _DATASET.value
