@@ -5,7 +5,7 @@ event is one interaction (a position of :func:`~duet_jax.data.samples.build_samp
 its labelled samples (the positive and its sampled negatives), which all share the
 sequence before the event (``click_seq``). Events come from a :class:`SampleSet` in storage
 order: rows of one device contiguous, consecutive rows with the same ``click_seq`` one
-event, as ``build_samples`` writes them.
+event (a second positive among them starts another), as ``build_samples`` writes them.
 
 **Rounds.** Each device's stream is cut into ``T`` chunks of nearly equal length: event
 ``k`` of a device with ``n`` events falls in round ``k * T // n`` (a device with fewer than
@@ -190,7 +190,14 @@ def build_streams(
     keep = np.flatnonzero(np.isin(users, chosen))
     samples = SampleSet(**samples.take(keep))
     users, seqs = samples.user, samples.click_seq
-    new_event = np.r_[True, (users[1:] != users[:-1]) | np.any(seqs[1:] != seqs[:-1], axis=1)]
+    group = np.r_[True, (users[1:] != users[:-1]) | np.any(seqs[1:] != seqs[:-1], axis=1)]
+    # Repeated items can make two consecutive positions share a full window: a second
+    # positive within one (user, click_seq) group starts a new event (positives lead their
+    # negatives, as build_samples writes them).
+    positives = np.cumsum(samples.label > 0)
+    before = positives - (samples.label > 0)  # positives strictly before each row
+    group_start = np.maximum.accumulate(np.where(group, np.arange(len(users)), 0))
+    new_event = group | ((samples.label > 0) & (before > before[group_start]))
     sample_event = np.cumsum(new_event) - 1
     starts = np.flatnonzero(new_event)
     event_user = users[starts]

@@ -250,3 +250,16 @@ def test_fleet_config_reads_comma_lists_and_rejects_unknown_fields():
     assert fc.policies == ("never", "every_round") and fc.formats == ("int8",)
     with pytest.raises(ConfigError, match=r"config\.fleet\.rounds"):
         FleetConfig.from_config(ml_collections.ConfigDict({"rounds": 3}))
+
+
+def test_a_repeated_full_window_still_gives_one_event_per_positive():
+    """Without dedupe a user can repeat an item until two positions share a full window."""
+    from duet_jax.data.samples import SampleConfig, build_samples
+
+    seq = np.array([1, 2, 2, 2, 2, 3])  # windows of 2 before positions 4 and 5 are both [2, 2]
+    splits = build_samples([seq], np.array([1]), np.array([3]), 9,
+                           SampleConfig(seq_len=2, eval_negatives=2), seed=0)
+    streams = build_streams(splits.test, num_rounds=3)
+    assert len(streams.seq) == 3  # positions 3, 4, 5
+    np.testing.assert_array_equal(streams.index, [0, 1, 2])
+    np.testing.assert_array_equal(np.bincount(streams.sample_event), 3)

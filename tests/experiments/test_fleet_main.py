@@ -46,21 +46,22 @@ def test_fleet_job_writes_records_totals_table_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == PNG
 
 
+@pytest.mark.slow
 def test_changing_fleet_fields_reuses_training_and_is_deterministic(tmp_path):
-    first = _fleet(f"--workdir={tmp_path}", *FLEET_TINY, "--config.fleet.policies=never")
+    only = ["--config.fleet.policies=never", "--config.fleet.formats=int8"]
+    first = _fleet(f"--workdir={tmp_path}", *FLEET_TINY, *only)
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = {p: p.stat().st_mtime_ns for p in tmp_path.glob("train/*/checkpoints/*")}
     assert {p.parent.parent.name for p in checkpoints} == {"base", "duet"}
     before = json.loads((tmp_path / "fleet.json").read_text())
-    again = _fleet(f"--workdir={tmp_path}", *FLEET_TINY, "--config.fleet.policies=never",
-                   "--config.fleet.formats=int8", "--config.fleet.upload=z")
+    again = _fleet(f"--workdir={tmp_path}", *FLEET_TINY, *only, "--config.fleet.upload=z")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("train/*/checkpoints/*")} == (
         checkpoints
     )  # nothing retrained
     after = json.loads((tmp_path / "fleet.json").read_text())
-    same = lambda out: {(t["policy"], t["format"]): t["auc"] for t in out["totals"]}
-    assert same(after) == {k: v for k, v in same(before).items() if k[1] in ("int8", "static")}
+    aucs = lambda out: {(t["policy"], t["format"]): t["auc"] for t in out["totals"]}
+    assert aucs(after) == aucs(before)  # same heads from z as from ids, same scores
     z = next(t for t in after["totals"] if t["policy"] == "never")
     assert z["bytes_up_per_device"] == 4 * 32  # z upload: Z float32 values per request
 
