@@ -1,0 +1,173 @@
+"""Fleet job: simulate many devices and one cloud over the device-test period.
+
+    python -m experiments.fleet --config=experiments/configs/fleet.py --workdir=runs/fleet
+
+1. Trains (or resumes) Base and DUET in ``WORKDIR/train/<method>`` (the main job's training).
+2. Cuts each device's device-test stream into ``T`` rounds; in every round each online
+   device may request a head (per policy), the cloud generates all of the round's requests
+   in batched jitted calls, and the device scores its new interactions with the head it
+   holds, once per delivery format (duet_jax/fleet.py).
+3. Compares upload variants (raw ids vs z) on the devices' first sync.
+4. Writes ``fleet.json`` (config, machine, per-round records, totals), ``fleet.md`` and two
+   plots (``fleet_auc_rounds.png``, ``fleet_bytes_auc.png``) to ``WORKDIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from duet_jax import config as config_lib
+from duet_jax import experiment
+from duet_jax.cloud import UPLOADS, Cloud
+from duet_jax.data.samples import Splits
+from duet_jax.duet import Duet
+from duet_jax.fleet import FleetConfig, Simulator, Streams, build_streams, totals
+from duet_jax.methods import get_method
+from duet_jax.models import DeviceModel, get_model
+from duet_jax.training import train_and_evaluate
+from experiments import fleet_report
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fleet.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "fleet config file (get_config()).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+
+def train_methods(
+    config: ml_collections.ConfigDict, data: Splits, workdir: str, names: tuple[str, ...]
+) -> tuple[DeviceModel, dict[str, dict], dict[str, dict]]:
+    """Train (or resume, or only restore) each method in ``WORKDIR/train/<name>``.
+
+    The run identity leaves ``config.fleet`` out, so a rerun that changes only fleet fields
+    reuses the trained parameters. -> (device model, {name: kept parameters},
+    {name: the main job's test metrics, best epoch, steps}).
+    """
+    model = get_model(config_lib.model_name(config),
+                      config_lib.model_config(config, data.num_items))
+    identity = config_lib.run_identity(config)
+    identity.pop("fleet", None)
+    params, summary = {}, {}
+    for name in names:
+        method = get_method(name, model, **config_lib.generator_options(config))
+        result = train_and_evaluate(
+            method, data, config_lib.train_config(config),
+            os.path.join(workdir, "train", name), seed=config.seed, run_config=identity,
+            name=f"{model.name}/{name}",
+        )
+        params[name] = result.params
+        summary[name] = {"test": result.test, "best_epoch": result.best_epoch,
+                         "steps": result.steps, "train_seconds": result.train_seconds}
+        logging.info("%s: test auc %.4f (epoch %d)", name, result.test["auc"], result.best_epoch)
+    return model, params, summary
+
+
+def compare_uploads(duet: Duet, params: dict, streams: Streams, fc: FleetConfig) -> list[dict]:
+    """Each upload variant on every device's first sync (round 0): bytes up per request,
+    cloud time per request, and how far its heads are from the raw-ids heads."""
+    seqs = streams.seq[streams.first_event(0)[streams.first_event(0) >= 0]]
+    rows, reference = [], None
+    for upload in UPLOADS:
+        cloud = Cloud(duet, params, upload, fc.min_bucket, fc.max_bucket)
+        uploads, nbytes = cloud.device_upload(seqs)
+        heads, seconds = cloud.serve(uploads)
+        flat = np.asarray(duet.spec.flatten(heads, batch_ndim=1))
+        reference = flat if reference is None else reference
+        rows.append({
+            "upload": upload,
+            "requests": len(seqs),
+            "bytes_up_per_request": float(nbytes.mean()),
+            "cloud_seconds": seconds,
+            "cloud_us_per_request": 1e6 * seconds / len(seqs),
+            "requests_per_second": len(seqs) / seconds if seconds > 0 else None,
+            "max_abs_head_diff_vs_ids": float(np.max(np.abs(flat - reference))),
+        })
+    return rows
+
+
+def finetune_entry(
+    config: ml_collections.ConfigDict, data: Splits, model: DeviceModel, base_params: dict,
+    streams: Streams,
+) -> dict | None:
+    """Integration point for on-device fine-tuning's compute cost (``fleet.json["finetune"]``).
+
+    Fine-tuning lives in ``duet_jax/finetune.py`` (another branch). Wire it here: fine-tune
+    Base's head for ``streams.devices`` on their labelled pre-test samples and return e.g.
+    ``{"devices", "seconds_total", "seconds_per_device", "auc", "uauc"}``. Until then this
+    returns None and the report says fine-tuning was not measured.
+    """
+    del config, data, model, base_params, streams
+    return None
+
+
+def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The whole job; returns the fleet.json payload (also written to ``workdir``)."""
+    started = time.perf_counter()
+    config_lib.validate(config)
+    fc = FleetConfig.from_config(config.fleet)
+    data = experiment.load_data(config, os.path.join(workdir, "train"))
+    names = ("base", "duet") if fc.base else ("duet",)
+    model, params, trained_summary = train_methods(config, data, workdir, names)
+    trained = time.perf_counter()
+
+    streams = build_streams(data.test, fc.num_rounds, fc.num_devices, fc.seed)
+    duet = Duet.create(model, **config_lib.generator_options(config))
+    sim = Simulator(streams, duet, params["duet"], fc)
+    runs = [sim.run_policy(policy) for policy in fc.policies]
+    if fc.base:
+        runs.append(sim.base_run(model, params["base"]))
+    uploads = compare_uploads(duet, params["duet"], streams, fc)
+    finetune = finetune_entry(config, data, model, params.get("base"), streams)
+    done = time.perf_counter()
+
+    records = [rec for run in runs for rec in run.records]
+    total_rows = [totals(run, streams, fmt) for run in runs for fmt in run.logits]
+    payload = {
+        "config": config.to_dict(),
+        "fleet": {
+            "devices": streams.num_devices,
+            "rounds": streams.num_rounds,
+            "events": len(streams.seq),
+            "samples": len(streams.samples),
+            "head_values": duet.spec.num_values,
+            "head_leaves": len(duet.spec.sizes),
+            "jax_devices": jax.device_count(),
+            "sharded": sim.cloud.mesh is not None,
+        },
+        "data": data.stats(),
+        # the main job's evaluation of the same parameters (DUET: a sync before every
+        # prediction), for reading the fleet's numbers against
+        "training": trained_summary,
+        "totals": total_rows,
+        "uploads": uploads,
+        "finetune": finetune,
+        "records": records,
+        "seconds": {
+            "train": trained - started,
+            "simulation": done - trained,
+            "total": done - started,
+        },
+    }
+    fleet_report.write(workdir, payload)
+    return payload
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    payload = run_fleet(_CONFIG.value, _WORKDIR.value)
+    print(fleet_report.markdown(payload))
+    print(f"fleet results written to {os.path.abspath(_WORKDIR.value)}/fleet.{{json,md}}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,110 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from duet_jax.cloud import Cloud, bucket_size
+from duet_jax.duet import Duet
+from duet_jax.models import ModelConfig, get_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def duet_and_params():
+    model = get_model("sasrec", ModelConfig(num_items=50, seq_len=6, embed_dim=8, num_heads=2))
+    duet = Duet.create(model)
+    return duet, duet.init(jax.random.key(0))
+
+
+def _seqs(rng, n, seq_len=6, num_items=50):
+    lengths = rng.integers(1, seq_len + 1, size=n)
+    seqs = rng.integers(1, num_items + 1, size=(n, seq_len))
+    seqs[np.arange(seq_len)[None] >= lengths[:, None]] = 0
+    return seqs.astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"), [(1, 64), (64, 64), (65, 128), (700, 1024), (5000, 4096)]
+)
+def test_bucket_sizes_are_powers_of_two_within_bounds(n, expected):
+    assert bucket_size(n, 64, 4096) == expected
+
+
+def test_bucket_size_is_a_multiple_of_the_shards():
+    assert bucket_size(3, 1, 4096, multiple=6) == 6
+    assert bucket_size(9, 8, 4096, multiple=8) == 16
+
+
+@pytest.mark.parametrize(("n", "max_bucket"), [(1, 64), (5, 64), (70, 256), (40, 16)])
+def test_served_heads_equal_direct_generation(duet_and_params, rng, n, max_bucket):
+    duet, params = duet_and_params
+    cloud = Cloud(duet, params, "ids", min_bucket=4, max_bucket=max_bucket, mesh=None)
+    seqs = _seqs(rng, n)
+    uploads, nbytes = cloud.device_upload(seqs)
+    heads, seconds = cloud.serve(uploads)
+    direct = jax.jit(duet.generate)(params, seqs)
+    assert seconds > 0
+    np.testing.assert_array_equal(nbytes, 4 * (seqs > 0).sum(axis=1))
+    for a, b in zip(jax.tree.leaves(heads), jax.tree.leaves(direct), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_z_upload_gives_the_same_heads_and_sends_z(duet_and_params, rng):
+    duet, params = duet_and_params
+    seqs = _seqs(rng, 9)
+    by_ids, _ = Cloud(duet, params, "ids", mesh=None).serve(seqs)
+    cloud = Cloud(duet, params, "z", mesh=None)
+    uploads, nbytes = cloud.device_upload(seqs)
+    assert uploads.shape == (9, duet.generator.z_dim) and uploads.dtype == np.float32
+    np.testing.assert_array_equal(nbytes, 4 * duet.generator.z_dim)
+    by_z, _ = cloud.serve(uploads)
+    for a, b in zip(jax.tree.leaves(by_z), jax.tree.leaves(by_ids), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+SHARDED_SCRIPT = """
+import json, jax, numpy as np
+from duet_jax.cloud import Cloud
+from duet_jax.duet import Duet
+from duet_jax.models import ModelConfig, get_model
+model = get_model("gru4rec", ModelConfig(num_items=40, seq_len=5, embed_dim=8))
+duet = Duet.create(model)
+params = duet.init(jax.random.key(1))
+rng = np.random.default_rng(0)
+seqs = rng.integers(0, 41, size=(21, 5)).astype(np.int32)
+sharded = Cloud(duet, params, "ids", min_bucket=4, max_bucket=64)
+plain = Cloud(duet, params, "ids", min_bucket=4, max_bucket=64, mesh=None)
+a, _ = sharded.serve(seqs)
+b, _ = plain.serve(seqs)
+out = sharded._serve(sharded.params, sharded._put(np.zeros((32, 5), np.int32)))
+print(json.dumps({
+    "devices": jax.device_count(),
+    "mesh": int(sharded.mesh.devices.size),
+    "shards": len(jax.tree.leaves(out)[0].sharding.device_set),
+    "max_diff": max(float(np.max(np.abs(x - y))) for x, y in
+                    zip(jax.tree.leaves(a), jax.tree.leaves(b))),
+    "rows": int(jax.tree.leaves(a)[0].shape[0]),
+}))
+"""
+
+
+def test_sharded_generation_over_8_cpu_devices_equals_unsharded():
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    run = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8 and out["mesh"] == 8 and out["shards"] == 8
+    assert out["rows"] == 21
+    assert out["max_diff"] < 1e-5

@@ -1,0 +1,265 @@
+import dataclasses
+import re
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from duet_jax import config as config_lib
+from duet_jax import delivery, experiment
+from duet_jax.duet import Duet
+from duet_jax.errors import ConfigError, DataError
+from duet_jax.fleet import (
+    FleetConfig,
+    Simulator,
+    build_streams,
+    direct_logits,
+    embedding_distance,
+    recent_mean_embedding,
+    start_of_round_samples,
+    totals,
+)
+from duet_jax.models import get_model
+from duet_jax.training import predict
+from tests.conftest import tiny_config
+
+TIGHT = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Tiny synthetic data and a randomly initialised DUET + Base (equalities need no training)."""
+    config = tiny_config()
+    data = experiment.load_data(config)
+    model = get_model("sasrec", config_lib.model_config(config, data.num_items))
+    duet = Duet.create(model)
+    return {
+        "data": data,
+        "model": model,
+        "duet": duet,
+        "params": duet.init(jax.random.key(3)),
+        "base": model.init(jax.random.key(4)),
+    }
+
+
+def _config(**kw) -> FleetConfig:
+    return FleetConfig(progress=False, min_bucket=8, score_batch_size=128, **kw)
+
+
+def _simulate(world, streams, **kw):
+    sim = Simulator(streams, world["duet"], world["params"], _config(**kw))
+    return sim, {p: sim.run_policy(p) for p in sim.config.policies}
+
+
+def test_streams_keep_each_device_in_order_and_cut_it_into_rounds(world):
+    test = world["data"].test
+    streams = build_streams(test, num_rounds=3)
+    assert len(streams.samples) == len(test)
+    assert streams.num_devices == len(np.unique(test.user))
+    per = 1 + 4  # a positive and its eval_negatives share one event
+    assert len(streams.seq) == len(test) // per
+    np.testing.assert_array_equal(np.bincount(streams.sample_event), per)
+    np.testing.assert_array_equal(streams.samples.click_seq, streams.seq[streams.sample_event])
+    for slot in range(streams.num_devices):
+        events = np.flatnonzero(streams.slot == slot)
+        n = len(events)
+        np.testing.assert_array_equal(streams.index[events], np.arange(n))
+        rounds = streams.round[events]
+        assert rounds[0] == 0 and np.all(np.diff(rounds) >= 0) and rounds[-1] < 3
+        if n >= 3:  # nearly equal chunks
+            counts = np.bincount(rounds, minlength=3)
+            assert counts.max() - counts.min() <= 1
+
+
+def test_a_subset_of_devices_is_seeded(world):
+    test = world["data"].test
+    a = build_streams(test, 2, num_devices=10, seed=1)
+    b = build_streams(test, 2, num_devices=10, seed=1)
+    c = build_streams(test, 2, num_devices=10, seed=2)
+    assert a.num_devices == 10 and set(a.samples.user) == set(a.devices)
+    np.testing.assert_array_equal(a.devices, b.devices)
+    assert not np.array_equal(a.devices, c.devices)
+    with pytest.raises(ConfigError, match=r"config\.fleet\.num_devices"):
+        build_streams(test, 2, num_devices=10_000)
+
+
+def test_interleaved_devices_are_refused(world):
+    test = world["data"].test
+    order = np.argsort(np.arange(len(test)) % 2, kind="stable")
+    shuffled = dataclasses.replace(test, **test.take(order))
+    with pytest.raises(DataError, match="grouped by device"):
+        build_streams(shuffled, 2)
+
+
+def test_every_round_float32_equals_direct_duet_evaluation(world):
+    """The acceptance equality: fleet scores == Duet.apply with trigger = start-of-round seq."""
+    streams = build_streams(world["data"].test, num_rounds=2)
+    _, runs = _simulate(world, streams, policies=("every_round",), formats=("float32",))
+    run = runs["every_round"]
+    expected = direct_logits(world["duet"], world["params"], start_of_round_samples(streams), 64)
+    np.testing.assert_allclose(run.logits["float32"], expected, **TIGHT)
+    # not a trivial equality: start-of-round triggers score differently from per-sample ones
+    own = direct_logits(world["duet"], world["params"], streams.samples, 64)
+    assert np.abs(own - expected).max() > 1e-3
+    # staleness counts items since the round's start, so each round's first event is fresh
+    first = streams.index[streams.sample_event] == streams.index[run.trigger_event]
+    assert np.all(run.staleness[first] == 0) and run.staleness.max() >= 1
+
+
+def test_one_event_per_round_reproduces_the_main_job_evaluation(world):
+    """With T >= every stream's length and sync_every = 1, each round is one interaction and
+    the fleet equals the main job's DUET test evaluation (trigger_seq == click_seq)."""
+    test = world["data"].test
+    streams = build_streams(test, num_rounds=50)
+    _, runs = _simulate(world, streams, policies=("every_round",), formats=("float32",))
+    run = runs["every_round"]
+    np.testing.assert_array_equal(test.trigger_seq, test.click_seq)
+    expected = predict(jax.jit(world["duet"].apply), world["params"], test, 64)
+    np.testing.assert_allclose(run.logits["float32"], expected, **TIGHT)
+    assert np.all(run.staleness == 0)
+
+
+def test_no_trigger_holds_the_items_being_scored(world):
+    streams = build_streams(world["data"].test, num_rounds=3)
+    _, runs = _simulate(world, streams, formats=("float32",))
+    event = streams.sample_event
+    for run in runs.values():
+        trig = run.trigger_event
+        assert np.all(streams.slot[trig] == streams.slot[event])  # own device's sequence
+        assert np.all(streams.index[trig] <= streams.index[event])  # from before the sample
+        assert np.all(streams.round[trig] <= streams.round[event])
+        # the trigger is the sequence before its event, so no scored target is in it
+        # (the data never repeat an item within a user)
+        targets = streams.samples.target[streams.samples.label == 1]
+        trig_pos = trig[streams.samples.label == 1]
+        assert not np.any(streams.seq[trig_pos] == targets[:, None])
+
+
+def test_never_keeps_the_first_sync_head(world):
+    streams = build_streams(world["data"].test, num_rounds=3)
+    _, runs = _simulate(world, streams, policies=("never",), formats=("float32",))
+    run = runs["never"]
+    np.testing.assert_array_equal(run.requests, 1)
+    first = streams.first_event(0)
+    samples = streams.samples.arrays()
+    samples["trigger_seq"] = streams.seq[first[streams.sample_slot]]
+    expected = direct_logits(world["duet"], world["params"],
+                             dataclasses.replace(streams.samples, **samples), 64)
+    np.testing.assert_allclose(run.logits["float32"], expected, **TIGHT)
+
+
+def test_policies_bracket_each_other(world):
+    """every_k_items with k = 1 and drift_threshold with threshold 0 are every_round;
+    a k or threshold no device reaches is never."""
+    streams = build_streams(world["data"].test, num_rounds=4)
+    kw = {"formats": ("float32",)}
+    _, eager = _simulate(world, streams, policies=("every_round", "never"), **kw)
+    _, k1 = _simulate(world, streams, policies=("every_k_items",), every_k=1, **kw)
+    _, k_big = _simulate(world, streams, policies=("every_k_items",), every_k=1000, **kw)
+    _, d0 = _simulate(world, streams, policies=("drift_threshold",), threshold=0.0, **kw)
+    _, d_big = _simulate(world, streams, policies=("drift_threshold",), threshold=1e9,
+                         distance="l2", **kw)
+    same = [(k1["every_k_items"], "every_round"), (k_big["every_k_items"], "never"),
+            (d0["drift_threshold"], "every_round"), (d_big["drift_threshold"], "never")]
+    for run, other in same:
+        np.testing.assert_array_equal(run.requests, eager[other].requests)
+        np.testing.assert_array_equal(run.logits["float32"], eager[other].logits["float32"])
+    assert eager["every_round"].requests.sum() > eager["never"].requests.sum()
+
+
+def test_every_k_items_requests_only_after_k_new_items(world):
+    streams = build_streams(world["data"].test, num_rounds=4)
+    _, runs = _simulate(world, streams, policies=("every_k_items",), every_k=2,
+                        formats=("float32",))
+    run = runs["every_k_items"]
+    for slot in range(streams.num_devices):
+        triggers = np.unique(run.trigger_event[streams.sample_slot == slot])
+        assert streams.index[triggers[0]] == 0  # first sync at the period start
+        assert np.all(np.diff(streams.index[triggers]) >= 2)
+
+
+def test_records_count_bytes_per_format(world):
+    streams = build_streams(world["data"].test, num_rounds=3)
+    _, runs = _simulate(world, streams, policies=("every_round",))
+    spec = world["duet"].spec
+    run = runs["every_round"]
+    by_fmt = {}
+    for rec in run.records:
+        assert rec["bytes_down"] == rec["requests"] * delivery.payload_bytes(spec, rec["format"])
+        by_fmt.setdefault(rec["format"], []).append(rec)
+    assert set(by_fmt) == set(delivery.FORMATS)
+    # ids upload: 4 bytes per non-padding id of each request's trigger
+    requested = np.unique(run.trigger_event)
+    up = sum(r["bytes_up"] for r in by_fmt["float32"])
+    assert up == 4 * int((streams.seq[requested] > 0).sum())
+    assert sum(r["requests"] for r in by_fmt["int8"]) == len(requested) == run.requests.sum()
+    t = totals(run, streams, "int8")
+    assert t["bytes_down"] == run.requests.sum() * (spec.num_values + 4 * len(spec.sizes))
+
+
+def test_lossy_formats_barely_move_the_scores(world):
+    streams = build_streams(world["data"].test, num_rounds=3)
+    _, runs = _simulate(world, streams, policies=("every_round",))
+    logits = runs["every_round"].logits
+    ref = logits["float32"]
+    scale = np.abs(ref).max()
+    assert 0 < np.abs(logits["bfloat16"] - ref).max() < 0.02 * scale
+    assert 0 < np.abs(logits["int8"] - ref).max() < 0.05 * scale
+    s = streams.samples
+    aucs = {f: totals(runs["every_round"], streams, f)["auc"] for f in logits}
+    assert abs(aucs["int8"] - aucs["float32"]) < 0.01, (aucs, len(s))
+
+
+def test_base_is_the_static_head_and_sends_nothing(world):
+    streams = build_streams(world["data"].test, num_rounds=3)
+    sim = Simulator(streams, world["duet"], world["params"], _config(formats=("float32",)))
+    run = sim.base_run(world["model"], world["base"])
+    model = world["model"]
+    expected = predict(jax.jit(lambda p, b: model.apply(p["backbone"], p["head"], b)),
+                       world["base"], streams.samples, 64)
+    np.testing.assert_allclose(run.logits["static"], expected, **TIGHT)
+    assert all(r["bytes_down"] == r["bytes_up"] == r["requests"] == 0 for r in run.records)
+
+
+def test_recent_mean_embedding_and_distances():
+    table = np.arange(12, dtype=np.float32).reshape(6, 2)
+    seqs = np.array([[1, 2, 3, 0], [0, 0, 0, 0], [5, 0, 0, 0]])
+    mean = recent_mean_embedding(table, seqs, window=2)
+    np.testing.assert_allclose(mean, [(table[2] + table[3]) / 2, [0, 0], table[5]])
+    a, b = np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[0.0, 2.0], [1.0, 1.0]])
+    np.testing.assert_allclose(embedding_distance(a, b, "cosine"), [1.0, 0.0])
+    np.testing.assert_allclose(embedding_distance(a, b, "l2"), [np.sqrt(5), np.sqrt(2)])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_rounds", 0), ("policies", "every_round,sometimes"), ("formats", "float16"),
+     ("threshold", -1.0), ("upload", "embedding"), ("distance", "manhattan"),
+     ("every_k", 0), ("max_bucket", 2)],
+)
+def test_bad_fleet_config_names_the_field(field, value):
+    fleet = ml_collections.ConfigDict({"min_bucket": 8, field: value})
+    with pytest.raises(ConfigError, match=re.escape(f"config.fleet.{field}=")):
+        FleetConfig.from_config(fleet)
+
+
+def test_fleet_config_reads_comma_lists_and_rejects_unknown_fields():
+    fc = FleetConfig.from_config(ml_collections.ConfigDict(
+        {"policies": "never, every_round", "formats": "int8"}))
+    assert fc.policies == ("never", "every_round") and fc.formats == ("int8",)
+    with pytest.raises(ConfigError, match=r"config\.fleet\.rounds"):
+        FleetConfig.from_config(ml_collections.ConfigDict({"rounds": 3}))
+
+
+def test_a_repeated_full_window_still_gives_one_event_per_positive():
+    """Without dedupe a user can repeat an item until two positions share a full window."""
+    from duet_jax.data.samples import SampleConfig, build_samples
+
+    seq = np.array([1, 2, 2, 2, 2, 3])  # windows of 2 before positions 4 and 5 are both [2, 2]
+    splits = build_samples([seq], np.array([1]), np.array([3]), 9,
+                           SampleConfig(seq_len=2, eval_negatives=2), seed=0)
+    streams = build_streams(splits.test, num_rounds=3)
+    assert len(streams.seq) == 3  # positions 3, 4, 5
+    np.testing.assert_array_equal(streams.index, [0, 1, 2])
+    np.testing.assert_array_equal(np.bincount(streams.sample_event), 3)
