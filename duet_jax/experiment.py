@@ -23,7 +23,7 @@ from duet_jax.duet import Duet
 from duet_jax.methods import DUET_VARIANTS, get_method
 from duet_jax.metrics import METRIC_NAMES
 from duet_jax.models import get_model
-from duet_jax.training import train_and_evaluate
+from duet_jax.training import TrainResult, train_and_evaluate
 
 ROW_KEYS = ("model", "method", *METRIC_NAMES, "seed")
 
@@ -126,6 +126,49 @@ def _run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) 
     return out
 
 
+def train_method(
+    config: ml_collections.ConfigDict,
+    data: Splits,
+    model,
+    name: str,
+    run_dir: str,
+    base_params: dict | None = None,
+    identity: dict | None = None,
+) -> TrainResult:
+    """Train (or resume, or only restore) ``base`` or a DUET variant in ``run_dir``.
+
+    ``identity`` (default :func:`duet_jax.config.run_identity`) is what must match on
+    resume; a DUET variant adds the generator options it really uses, and a two-stage one
+    the digest of the ``base_params`` it starts from.
+    """
+    opts = config_lib.method_options(config, name) if name in DUET_VARIANTS else {}
+    training = opts.pop("training", "joint")
+    method = get_method(name, model, training=training, base_params=base_params, **opts)
+    run_config = dict(config_lib.run_identity(config) if identity is None else identity)
+    if name in DUET_VARIANTS:
+        run_config["generator"] = {**opts, "training": training}
+        if training == "two_stage":
+            run_config["base_params"] = params_digest(base_params)
+    logging.info("training %s/%s in %s", model.name, name, run_dir)
+    return train_and_evaluate(
+        method,
+        data,
+        config_lib.train_config(config),
+        run_dir,
+        seed=config.seed,
+        run_config=run_config,
+        name=f"{model.name}/{name}",
+    )
+
+
+def needs_base(config: ml_collections.ConfigDict, names: list[str]) -> bool:
+    """Whether a method in ``names`` starts from Base's parameters (fine-tuning, two-stage)."""
+    return "finetune" in names or any(
+        config_lib.method_options(config, n)["training"] == "two_stage"
+        for n in names if n in DUET_VARIANTS
+    )
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = None) -> list[dict]:
     """Train and evaluate every method in ``config.methods`` for ``config.model``; one row
     per method for results.json.
@@ -137,15 +180,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
     """
     config_lib.validate(config)
     data = load_data(config, workdir) if data is None else data
-    model_config = config_lib.model_config(config, data.num_items)
-    model = get_model(config_lib.model_name(config), model_config)
-    train_config = config_lib.train_config(config)
-    identity = config_lib.run_identity(config)
+    model = get_model(config_lib.model_name(config),
+                      config_lib.model_config(config, data.num_items))
     names = list(config_lib.methods(config))
-    options = {n: config_lib.method_options(config, n) for n in names if n in DUET_VARIANTS}
-    needs_base = "finetune" in names or any(o["training"] == "two_stage" for o in options.values())
-    if needs_base:
+    if needs_base(config, names):
         names = ["base", *(n for n in names if n != "base")]
+    group_size = config_lib.finetune_config(config).group_size
     rows, base_params = [], None
     for name in names:
         run_dir = os.path.join(workdir, name)
@@ -157,32 +197,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
                              finetune_steps=ft["steps"],
                              adapt_ms_per_device=1e3 * ft["seconds_per_device"]))
             continue
-        opts = dict(options.get(name, {}))
-        training = opts.pop("training", "joint")
-        method = get_method(name, model, training=training, base_params=base_params, **opts)
-        run_config = dict(identity)
-        if name in DUET_VARIANTS:
-            run_config["generator"] = {**opts, "training": training}
-            if training == "two_stage":
-                run_config["base_params"] = params_digest(base_params)
-        logging.info("training %s/%s in %s", model.name, name, run_dir)
-        result = train_and_evaluate(
-            method,
-            data,
-            train_config,
-            run_dir,
-            seed=config.seed,
-            run_config=run_config,
-            name=f"{model.name}/{name}",
-        )
+        result = train_method(config, data, model, name, run_dir, base_params)
         extra = {}
         if name == "base":
             base_params = result.params
         else:
-            duet = Duet.create(model, **opts)
+            opts = config_lib.method_options(config, name)
+            opts.pop("training")
             extra["adapt_ms_per_device"] = 1e3 * adaptation.generation_seconds_per_device(
-                duet, result.params, data.test, data.num_users,
-                config_lib.finetune_config(config).group_size,
+                Duet.create(model, **opts), result.params, data.test, data.num_users,
+                group_size,
             )
         rows.append(_row(model.name, name, config, result.test, result.val,
                          best_epoch=result.best_epoch, train_steps=result.steps,

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -24,15 +25,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from duet_jax import config as config_lib
-from duet_jax import experiment
+from duet_jax import experiment, finetune
 from duet_jax.cloud import UPLOADS, Cloud
 from duet_jax.data.samples import Splits
 from duet_jax.duet import Duet
 from duet_jax.fleet import FleetConfig, Simulator, Streams, build_streams, totals
-from duet_jax.methods import get_method
 from duet_jax.models import DeviceModel, get_model
-from duet_jax.training import train_and_evaluate
-from experiments import fleet_report
+from experiments import cli, fleet_report
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fleet.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -56,12 +55,9 @@ def train_methods(
     identity.pop("fleet", None)
     params, summary = {}, {}
     for name in names:
-        method = get_method(name, model, **config_lib.generator_options(config))
-        result = train_and_evaluate(
-            method, data, config_lib.train_config(config),
-            os.path.join(workdir, "train", name), seed=config.seed, run_config=identity,
-            name=f"{model.name}/{name}",
-        )
+        result = experiment.train_method(config, data, model, name,
+                                         os.path.join(workdir, "train", name),
+                                         base_params=params.get("base"), identity=identity)
         params[name] = result.params
         summary[name] = {"test": result.test, "best_epoch": result.best_epoch,
                          "steps": result.steps, "train_seconds": result.train_seconds}
@@ -96,15 +92,38 @@ def finetune_entry(
     config: ml_collections.ConfigDict, data: Splits, model: DeviceModel, base_params: dict,
     streams: Streams,
 ) -> dict | None:
-    """Integration point for on-device fine-tuning's compute cost (``fleet.json["finetune"]``).
+    """What on-device fine-tuning would cost the same devices (``fleet.json["finetune"]``).
 
-    Fine-tuning lives in ``duet_jax/finetune.py`` (another branch). Wire it here: fine-tune
-    Base's head for ``streams.devices`` on their labelled pre-test samples and return e.g.
-    ``{"devices", "seconds_total", "seconds_per_device", "auc", "uauc"}``. Until then this
-    returns None and the report says fine-tuning was not measured.
+    Each fleet device fine-tunes Base (``config.finetune``: head or all parameters, its
+    ``num_samples`` most recent labelled rows before the device-test period) for every step
+    count in ``config.finetune.steps``, at the first learning rate; the wall time per device
+    (vmapped groups, after warm-up) is what a fleet would spend instead of requests. None
+    when Base was not trained (``config.fleet.base=False``).
     """
-    del config, data, model, base_params, streams
-    return None
+    if base_params is None:
+        return None
+    ft = config_lib.finetune_config(config)
+    stage = finetune.make_stage([data.train, data.val], data.test, data.num_users,
+                                ft.num_samples)
+    keep = np.isin(stage.devices, streams.devices)
+    stage = dataclasses.replace(
+        stage, devices=stage.devices[keep],
+        tune_rows=[r for r, k in zip(stage.tune_rows, keep, strict=True) if k],
+        eval_rows=[r for r, k in zip(stage.eval_rows, keep, strict=True) if k],
+    )
+    seconds = {
+        str(steps): finetune.time_adaptation(model, base_params, stage, ft,
+                                             ft.learning_rates[0], steps)
+        for steps in sorted(ft.steps)
+    }
+    return {
+        "devices": len(stage.devices),
+        "params": ft.params,
+        "rows_per_device": ft.num_samples,
+        "learning_rate": ft.learning_rates[0],
+        "seconds_per_device": seconds,
+        "group_size": ft.group_size,
+    }
 
 
 def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -118,7 +137,9 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trained = time.perf_counter()
 
     streams = build_streams(data.test, fc.num_rounds, fc.num_devices, fc.seed)
-    duet = Duet.create(model, **config_lib.generator_options(config))
+    options = config_lib.method_options(config, "duet")
+    options.pop("training")
+    duet = Duet.create(model, **options)
     sim = Simulator(streams, duet, params["duet"], fc)
     runs = [sim.run_policy(policy) for policy in fc.policies]
     if fc.base:
@@ -160,10 +181,7 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     payload = run_fleet(_CONFIG.value, _WORKDIR.value)
     print(fleet_report.markdown(payload))
     print(f"fleet results written to {os.path.abspath(_WORKDIR.value)}/fleet.{{json,md}}")

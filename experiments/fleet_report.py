@@ -61,11 +61,18 @@ def markdown(payload: dict) -> str:
             f"{u['max_abs_head_diff_vs_ids']:.2e} |"
         )
     ft = payload.get("finetune")
+    if ft:
+        per_step = ", ".join(f"{k} steps {1e3 * v:.3f} ms" for k, v in
+                             ft["seconds_per_device"].items())
+        ft_line = (f"On-device fine-tuning instead ({ft['devices']} devices, {ft['params']} "
+                   f"parameters, {ft['rows_per_device']} rows each, Adam "
+                   f"{ft['learning_rate']:g}, vmapped groups of {ft['group_size']}), per "
+                   f"device: {per_step}.")
+    else:
+        ft_line = "On-device fine-tuning: not measured (no Base: config.fleet.base=False)."
     lines += [
         "",
-        "On-device fine-tuning: "
-        + (", ".join(f"{k} {_num(v)}" for k, v in ft.items()) if ft else "not measured "
-           "(duet_jax.finetune is not wired into the fleet job)."),
+        ft_line,
         f"Job time: {payload['seconds']['total']:.1f} s (training {payload['seconds']['train']:.1f}"
         f" s, simulation {payload['seconds']['simulation']:.1f} s).",
     ]

@@ -37,7 +37,11 @@ def test_fleet_job_writes_records_totals_table_and_plots(tmp_path):
         "requests"] >= devices
     assert totals["base", "static"]["bytes_down"] == 0
     assert [u["upload"] for u in out["uploads"]] == ["ids", "z"]
-    assert out["finetune"] is None  # the integration point is not wired on this branch
+    ft = out["finetune"]  # what fine-tuning the same devices would cost instead
+    assert ft["devices"] == devices and ft["params"] == "head"
+    assert sorted(ft["seconds_per_device"], key=int) == ["1", "5", "20", "50"]
+    assert all(v > 0 for v in ft["seconds_per_device"].values())
+    assert "On-device fine-tuning instead" in (tmp_path / "fleet.md").read_text()
     assert out["environment"]["versions"]["jax"] and out["config"]["fleet"]["num_rounds"] == 3
     assert set(out["training"]) == {"base", "duet"}
     table = (tmp_path / "fleet.md").read_text()

@@ -93,7 +93,9 @@ def test_defaults_need_no_flags_and_rerun_resumes(tmp_path):
     assert {p.parent.parent.name for p in checkpoints} == {"base", "duet"}
     again = _main(*TINY, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((workdir / "results.json").read_text())["rows"] == rows
+    # the same numbers (adaptation times are measured again, so they may differ)
+    untimed = lambda rs: [{k: v for k, v in r.items() if k != "adapt_ms_per_device"} for r in rs]
+    assert untimed(json.loads((workdir / "results.json").read_text())["rows"]) == untimed(rows)
     # nothing was retrained: no checkpoint was written or rewritten
     assert {p: p.stat().st_mtime_ns for p in workdir.glob("*/checkpoints/*")} == checkpoints
 
