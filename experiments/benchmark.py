@@ -63,7 +63,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: proces
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling"}
-GPU_NOTE = ("No GPU was lent to this run's task: CPU results only.")
+GPU_NOTE = "No GPU was lent to this run's task: CPU results only."
 
 
 # ---------------------------------------------------------------------------- config
@@ -71,7 +71,6 @@ GPU_NOTE = ("No GPU was lent to this run's task: CPU results only.")
 
 def resolve_config(config, overrides: dict):
     """``config`` with the quick sizes when ``quick`` is set, command-line overrides kept."""
-
     if not config.quick:
         return config
     config = benchmark_config.quick(config)
@@ -91,8 +90,6 @@ class Bench:
     """The state every case shares: config, peaks, models, random sequences."""
 
     def __init__(self, config):
-
-
         self.config = config
         self.rng = np.random.default_rng(config.seed)
         self.model_config = ModelConfig(num_items=config.num_items, seq_len=config.seq_len,
@@ -104,8 +101,6 @@ class Bench:
 
     def duet(self, model: str, low_rank: int = 0):
         """``(Duet, params)`` with random init (accuracy is not measured here)."""
-
-
         if (model, low_rank) not in self._duets:
             duet = Duet.create(get_model(model, self.model_config), low_rank=low_rank)
             self._duets[model, low_rank] = (duet, duet.init(self.key))
@@ -114,19 +109,16 @@ class Bench:
 
     def sequences(self, n: int):
         """The first ``n`` of one fixed pool of random trigger sequences ``[n, L]``."""
-
-
         if self._seq is None or len(self._seq) < n:
             have = 0 if self._seq is None else len(self._seq)
             more = scaling.random_sequences(self.rng, n - have, self.config.seq_len,
-                                    self.config.num_items)
+                                            self.config.num_items)
             self._seq = more if self._seq is None else np.concatenate([self._seq, more])
         return self._seq[:n]
 
     def batches(self, n: int, batch: int):
         """``ceil(n / batch)`` device arrays ``[batch, L]`` (the last padded with empty
         sequences), placed before timing: the cloud has the ids in memory."""
-
         calls = -(-n // batch)
         seq = np.zeros((calls * batch, self.config.seq_len), np.int32)
         seq[:n] = self.sequences(n)
@@ -135,8 +127,6 @@ class Bench:
     def time(self, fn: Callable, args_per_call: list[tuple], compile_args: tuple) -> dict:
         """Compile ``fn``, then time passes that call it on every ``args_per_call`` entry
         (one call kept in flight while the next is dispatched; results discarded)."""
-
-
         compiled, compile_s = timing.compile_timed(fn, *compile_args)
 
         def run():
@@ -209,8 +199,6 @@ class Bench:
     def stages(self, model: str, n: int, batch: int) -> list[dict]:
         """Encoder alone (ids -> z, including the backbone's sequence embedding) and decoder
         alone (z -> head)."""
-
-
         duet, params = self.duet(model)
         gen = duet.generator
 
@@ -237,7 +225,6 @@ class Bench:
     def loop(self, model: str, n: int) -> dict:
         """The jitted single-device function called once per device from Python (each call
         blocked on: a cloud answering device requests one at a time)."""
-
         duet, params = self.duet(model)
         single = lambda p, s: jax.tree.map(lambda x: x[0], duet.generate(p, s[None]))
         seqs = [jax.device_put(s) for s in self.sequences(n)]
@@ -269,7 +256,6 @@ class Bench:
 
     def tune_rows(self, n: int) -> dict:
         """Each device's ``num_samples`` labelled rows ``[n, S, ...]`` (all real: weight 1)."""
-
         ft = self.config.finetune
         s = ft.num_samples
         return {
@@ -427,7 +413,6 @@ def summarise(cases: list[dict], config) -> dict:
 def plot(result: dict, path: str) -> None:
     """Four panels: devices/s vs N, vs batch size, the adaptation comparison, and the
     speed-ups (vmap vs loop, low-rank, stages)."""
-
     matplotlib.use("Agg")
 
 
