@@ -1,0 +1,147 @@
+"""The device axis sharded over accelerators: a 1-D mesh, ``NamedSharding``, plain ``jit``.
+
+Simulated devices (phones) are independent, so their axis is the one to split: every array
+with a leading device axis ``[N, ...]`` is placed with ``P("devices")`` over a 1-D mesh of
+all accelerators, and parameters are replicated. ``jit`` with those in/out shardings runs
+the same vmapped generation (or fine-tuning) on each accelerator's slice with no
+communication at all. No ``pmap``.
+
+The mesh axis is ``AxisType.Auto``: ``jax.make_mesh`` now defaults to explicit axis types
+(sharding in types), which plain ``jit`` with ``in_shardings``/``out_shardings`` does not need.
+
+Multi-host: call :func:`initialize_distributed` before anything touches a JAX backend; the
+mesh then spans every process's accelerators and :func:`shard_devices` builds global arrays
+from each process's own rows (``jax.make_array_from_process_local_data``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from duet_jax import finetune as finetune_lib
+from duet_jax.duet import Duet
+from duet_jax.generator import low_rank_for
+from duet_jax.lowrank import LowRankKernel
+from duet_jax.models import DeviceModel
+
+DEVICE_AXIS = "devices"
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> bool:
+    """``jax.distributed.initialize`` for a multi-host run; a no-op without a coordinator.
+
+    Must run before any JAX computation. Returns whether it initialised.
+    """
+    if not coordinator_address:
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def device_mesh(num_accelerators: int | None = None,
+                devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D ``("devices",)`` mesh over the first ``num_accelerators`` of ``devices``
+    (default: all of ``jax.devices()``, i.e. every process's accelerators)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices) if num_accelerators is None else num_accelerators
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"num_accelerators={n}: expected 1..{len(devices)}")
+    return jax.make_mesh((n,), (DEVICE_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices[:n])
+
+
+def device_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (device) axis split over the mesh; other axes whole."""
+    return NamedSharding(mesh, P(DEVICE_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every accelerator (parameters)."""
+    return NamedSharding(mesh, P())
+
+
+def padded_size(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n``."""
+    return -(-n // multiple) * multiple
+
+
+def pad_devices(tree: Any, multiple: int) -> Any:
+    """Pad every leaf's leading axis with zeros to a multiple of ``multiple``.
+
+    A zero row is an empty sequence (item 0 = padding) or a zero-weight fine-tuning row, so
+    padded devices are valid inputs whose results the caller drops.
+    """
+    def pad(x):
+        x = np.asarray(x)
+        extra = padded_size(x.shape[0], multiple) - x.shape[0]
+        return np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)]) if extra else x
+
+    return jax.tree.map(pad, tree)
+
+
+def shard_devices(tree: Any, mesh: Mesh) -> Any:
+    """Place ``[N, ...]`` host arrays with the device axis split over ``mesh``, padding ``N``
+    to a multiple of the mesh size. Multi-host: each process passes its own rows, and the
+    result is the global array (rows of process 0 first)."""
+    sharding = device_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(pad_devices(tree, mesh.size), sharding)
+    local = pad_devices(tree, mesh.local_mesh.size)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Put a copy of ``tree`` (parameters) on every accelerator of ``mesh``."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def head_shardings(duet: Duet, mesh: Mesh) -> Any:
+    """Out-shardings with the structure of ``duet.generate``'s output: per-device leaves
+    split, the shared low-rank factors ``U``, ``V`` replicated."""
+    split, whole = device_sharding(mesh), replicated(mesh)
+    generator = duet.generator
+    return generator.spec.unflatten_leaves([
+        LowRankKernel(u=whole, core=split, v=whole) if low_rank_for(shape, generator.low_rank)
+        else split
+        for shape in generator.spec.shapes
+    ])
+
+
+def sharded_generate(duet: Duet, mesh: Mesh, donate: bool = False) -> Callable:
+    """``jit(duet.generate)`` with ``seq [N, L]`` split over ``mesh`` and params replicated.
+
+    ``N`` must be a multiple of ``mesh.size`` (:func:`shard_devices` pads). ``donate`` frees
+    the input sequences' buffer for the outputs (a cloud streaming batches never reuses it).
+    """
+    return jax.jit(duet.generate, in_shardings=(replicated(mesh), device_sharding(mesh)),
+                   out_shardings=head_shardings(duet, mesh),
+                   donate_argnums=(1,) if donate else ())
+
+
+def sharded_finetune(model: DeviceModel, mode: str, steps: int, mesh: Mesh) -> Callable:
+    """:func:`duet_jax.finetune.finetune_params` with the group axis split over ``mesh``:
+    ``(trainable, fixed, tune_batch [G, S, ...], learning_rate)`` -> trainable ``[G, ...]``.
+    ``G`` must be a multiple of ``mesh.size``."""
+    split, whole = device_sharding(mesh), replicated(mesh)
+    fn = functools.partial(finetune_lib.finetune_params, model, mode, steps=steps)
+    return jax.jit(lambda trainable, fixed, tune_batch, lr: fn(trainable, fixed, tune_batch, lr),
+                   in_shardings=(whole, whole, split, whole), out_shardings=split)
+
+
+def is_split(x: jax.Array, mesh: Mesh) -> bool:
+    """Whether ``x`` is laid out with its leading axis split over every accelerator of
+    ``mesh``, one distinct slice each."""
+    if not x.sharding.is_equivalent_to(device_sharding(mesh), x.ndim):
+        return False
+    starts = {index[0].start or 0 for index in x.sharding.devices_indices_map(x.shape).values()}
+    return len(starts) == mesh.size and len(x.sharding.device_set) == mesh.size
+

@@ -1,0 +1,91 @@
+"""The benchmark as a user runs it, at tiny sizes: every case lands in a well-formed
+``benchmark.json`` with positive, finite numbers, plus the plot. Correctness, not speed:
+no timing is asserted."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = [
+    "--config.quick=True",
+    "--config.models=sasrec",
+    "--config.num_items=100",
+    "--config.seq_len=8",
+    "--config.embed_dim=8",
+    "--config.num_devices=(40,)",
+    "--config.batch_size=16",
+    "--config.batch_sizes=(8,16)",
+    "--config.batch_sweep_devices=32",
+    "--config.split_devices=32",
+    "--config.loop_devices=12",
+    "--config.low_rank=2",
+    "--config.repeats=2",
+    "--config.min_repeats=1",
+    "--config.finetune.steps=(2,)",
+    "--config.finetune.num_samples=4",
+    "--config.finetune.group_size=4",
+    "--config.finetune.devices=6",
+    "--config.finetune.loop_devices=2",
+    "--config.peak_matmul_size=64",
+    "--config.peak_bandwidth_mb=1",
+    "--config.scaling.devices=64",
+    "--config.scaling.per_accelerator_batch=16",
+    "--config.scaling.fake_devices=(2,)",
+    "--config.progress=False",
+]
+KINDS = {"generation", "encoder", "decoder", "low_rank", "loop", "duet_adapt",
+         "finetune_vmap", "finetune_loop", "scaling"}
+
+
+def _positive_finite(value):
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_quick_benchmark_writes_every_case(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path}", *TINY],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["complete"] and (tmp_path / "benchmark.png").stat().st_size > 0
+    # command-line overrides beat the quick sizes
+    assert result["config"]["num_devices"] == [40] and result["config"]["quick"]
+    env_info = result["environment"]
+    assert env_info["processor"] and env_info["versions"]["jax"] and env_info["versions"]["flax"]
+    assert len(result["load_average"]["start"]) == 3 and len(result["load_average"]["end"]) == 3
+    assert result["gpu"]["lent"] is False and "No GPU" in result["gpu"]["note"]
+    for name in ("matmul", "bandwidth"):
+        assert all(_positive_finite(v) for v in result["peaks"][name].values())
+    cases = result["cases"]
+    assert {(c["case"], c["model"]) for c in cases if c["case"] != "scaling"} == {
+        (k, "sasrec") for k in KINDS - {"scaling"}}
+    for c in cases:
+        assert _positive_finite(c["devices_per_s"]), c
+        t = c["timing"]
+        assert t["repeats"] >= 1 and len(t["repeats_s"]) == t["repeats"]
+        assert all(_positive_finite(t[k]) for k in ("compile_s", "first_call_s", "median_s"))
+        assert t["min_s"] <= t["median_s"] <= t["max_s"] and t["iqr_s"] >= 0
+        if c["case"] == "scaling":
+            continue
+        for key in ("ms_per_device", "flops_per_device", "bytes_per_device",
+                    "fraction_of_peak_flops", "fraction_of_peak_bandwidth", "peak_rss_bytes",
+                    "xla_flops_per_device", "output_bytes_per_device"):
+            assert _positive_finite(c[key]), (key, c)
+    gens = {(c["model"], c["num_devices"], c["batch_size"]) for c in cases
+            if c["case"] == "generation"}
+    assert {("sasrec", 40, 16), ("sasrec", 32, 8), ("sasrec", 12, 16)} <= gens
+    scaling = [c for c in cases if c["case"] == "scaling"]
+    assert [c["fake"] for c in scaling] == [False, True]
+    assert [c["accelerators"] for c in scaling] == [1, 2]
+    summary = result["summary"]["models"]
+    s = summary["sasrec"]
+    assert _positive_finite(s["vmap_vs_loop"]["speedup"])
+    assert set(s["adaptation"]["finetune_over_duet"]) == {"finetune_vmap_head_k2",
+                                                          "finetune_loop_head_k2"}
+    assert set(s["split_ms_per_device"]) == {"encoder", "decoder", "full"}
+    assert set(result["summary"]["acceptance"]) == {"vmap_vs_loop_at_least_10x",
+                                                    "sequential_finetune_at_least_100x_duet"}

@@ -1,0 +1,111 @@
+"""Sharded generation and fine-tuning equal the unsharded results on 8 fake CPU devices.
+
+The device count is fixed when JAX starts, so the check runs in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; :func:`_check` is that subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from duet_jax import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE_DEVICES = 8
+
+
+def _batch(rng: np.random.Generator, n: int, seq_len: int, num_items: int) -> np.ndarray:
+    lengths = rng.integers(1, seq_len + 1, size=n)
+    seq = rng.integers(1, num_items + 1, size=(n, seq_len))
+    seq[np.arange(seq_len)[None, :] >= lengths[:, None]] = 0
+    return seq.astype(np.int32)
+
+
+def _check() -> dict:
+    """Runs inside the 8-device subprocess; returns what the test asserts on."""
+    import jax
+    import jax.numpy as jnp
+
+    from duet_jax import finetune
+    from duet_jax.duet import Duet
+    from duet_jax.models import ModelConfig, get_model
+
+    assert jax.device_count() == FAKE_DEVICES, jax.devices()
+    mesh = sharding.device_mesh()
+    rng = np.random.default_rng(0)
+    out = {"mesh_size": mesh.size, "models": {}}
+    for name, low_rank in (("sasrec", 0), ("gru4rec", 0), ("din", 0), ("sasrec", 4)):
+        model = get_model(name, ModelConfig(num_items=50, seq_len=6, embed_dim=8, num_heads=2,
+                                            din_hidden=(16, 8)))
+        duet = Duet.create(model, low_rank=low_rank)
+        params = duet.init(jax.random.key(1))
+        n = 21  # not a multiple of 8: shard_devices pads
+        seq = _batch(rng, n, 6, 50)
+        plain = jax.jit(duet.generate)(params, jnp.asarray(seq))
+        heads = sharding.sharded_generate(duet, mesh)(sharding.replicate(params, mesh),
+                                                      sharding.shard_devices(seq, mesh))
+        gen_close = all(
+            np.allclose(np.asarray(a)[:n] if a.shape[0] != b.shape[0] else np.asarray(a),
+                        np.asarray(b), rtol=1e-5, atol=1e-6)
+            for a, b in zip(jax.tree.leaves(heads), jax.tree.leaves(plain), strict=True))
+        per_device = [h for h, p in zip(jax.tree.leaves(heads), jax.tree.leaves(plain),
+                                        strict=True) if h.shape[0] != p.shape[0]]
+        gen_split = bool(per_device) and all(sharding.is_split(h, mesh) for h in per_device)
+
+        checks = {"generate_close": bool(gen_close), "generate_split": bool(gen_split)}
+        out["models"][f"{name}/low_rank={low_rank}"] = checks
+        if low_rank:
+            continue  # fine-tuning does not involve the generator
+        # fine-tuning: a group of 12 devices (padded to 16), head mode, 3 Adam steps
+        base = model.init(jax.random.key(2))
+        g, s = 12, 5
+        tune = {
+            "click_seq": _batch(rng, g * s, 6, 50).reshape(g, s, 6),
+            "target": rng.integers(1, 51, size=(g, s)).astype(np.int32),
+            "label": rng.integers(0, 2, size=(g, s)).astype(np.float32),
+            "weight": np.ones((g, s), np.float32),
+        }
+        lr = jnp.float32(1e-2)
+        plain_ft = finetune.finetune_params(model, "head", base["head"], base["backbone"],
+                                            tune, lr, 3)
+        sharded_ft = sharding.sharded_finetune(model, "head", 3, mesh)(
+            sharding.replicate(base["head"], mesh), sharding.replicate(base["backbone"], mesh),
+            sharding.shard_devices(tune, mesh), lr)
+        ft_close = all(
+            np.allclose(np.asarray(a)[:g], np.asarray(b), rtol=1e-4, atol=1e-6)
+            for a, b in zip(jax.tree.leaves(sharded_ft), jax.tree.leaves(plain_ft), strict=True))
+        ft_split = all(sharding.is_split(x, mesh) for x in jax.tree.leaves(sharded_ft))
+        checks.update(finetune_close=bool(ft_close), finetune_split=bool(ft_split))
+    return out
+
+
+def test_pad_devices_pads_the_leading_axis_with_zeros():
+    tree = {"a": np.ones((5, 2), np.float32), "b": np.arange(5)}
+    padded = sharding.pad_devices(tree, 4)
+    assert padded["a"].shape == (8, 2) and padded["b"].shape == (8,)
+    assert (padded["a"][5:] == 0).all() and (padded["b"][:5] == np.arange(5)).all()
+    assert sharding.padded_size(8, 4) == 8 and sharding.padded_size(9, 4) == 12
+
+
+def test_device_mesh_rejects_a_bad_size():
+    with pytest.raises(ValueError, match="num_accelerators"):
+        sharding.device_mesh(0)
+
+
+def test_sharded_equals_unsharded_on_8_fake_devices():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={FAKE_DEVICES}"}
+    code = "import json, tests.test_sharding as t; print(json.dumps(t._check()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mesh_size"] == FAKE_DEVICES
+    for name, checks in result["models"].items():
+        assert all(checks.values()), (name, checks)
