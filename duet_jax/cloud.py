@@ -25,8 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from duet_jax import sharding
 from duet_jax.duet import Duet
 
 UPLOADS = ("ids", "z")
@@ -34,12 +35,9 @@ ID_BYTES = 4  # int32 item id
 Z_BYTES = 4  # float32
 
 
-def device_mesh(devices: list | None = None) -> Mesh | None:
-    """A 1-d mesh ``("devices",)`` over ``devices`` (default: all local), or None for one."""
-    devices = jax.local_devices() if devices is None else devices
-    if len(devices) < 2:
-        return None
-    return Mesh(np.asarray(devices), ("devices",))
+def default_mesh() -> Mesh | None:
+    """The 1-d device mesh over every accelerator, or None when there is only one."""
+    return sharding.device_mesh() if jax.device_count() > 1 else None
 
 
 def bucket_size(n: int, min_bucket: int, max_bucket: int, multiple: int = 1) -> int:
@@ -73,13 +71,13 @@ class Cloud:
         if upload not in UPLOADS:
             raise ValueError(f"upload {upload!r}: expected one of {UPLOADS}")
         self.duet, self.upload = duet, upload
-        self.mesh = device_mesh() if mesh == "auto" else mesh
+        self.mesh = default_mesh() if mesh == "auto" else mesh
         shards = self.mesh.devices.size if self.mesh is not None else 1
         self.min_bucket, self.max_bucket = min_bucket, max(max_bucket, shards)
         self.shards = shards
         if self.mesh is not None:
-            self._rows = NamedSharding(self.mesh, PartitionSpec("devices"))
-            params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+            self._rows = sharding.device_sharding(self.mesh)
+            params = jax.device_put(params, sharding.replicated(self.mesh))
         else:
             self._rows = None
             params = jax.device_put(params)

@@ -47,7 +47,7 @@ from duet_jax import files, finetune, sharding, timing
 from duet_jax.duet import Duet
 from duet_jax.generator import ParameterGenerator
 from duet_jax.models import ModelConfig, get_model
-from experiments import report, scaling
+from experiments import cli, report, scaling
 from experiments.configs import benchmark as benchmark_config
 
 matplotlib.use("Agg")
@@ -566,12 +566,9 @@ def run(config, workdir: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.start(argv)
     # before anything touches a JAX backend
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
     config = resolve_config(_CONFIG.value,
                             config_flags.get_override_values(flags.FLAGS["config"]))
     result = run(config, _WORKDIR.value)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.experiments.test_main import TINY, _no_nan, run_module
+from tests.experiments.test_main import TINY, _no_nan, real_tiny, run_module
 
 FLEET_TINY = [*TINY, "--config.fleet.num_rounds=3", "--config.fleet.progress=False",
               "--config.fleet.min_bucket=8"]
@@ -81,14 +81,7 @@ def test_bad_fleet_field_fails_before_any_work(tmp_path):
 def test_fleet_job_runs_on_real_movielens(real_data_dir, tmp_path):
     run = _fleet(
         "--config=experiments/configs/fleet.py:movielens_100k",
-        f"--workdir={tmp_path}",
-        f"--config.data.data_dir={real_data_dir}",
-        f"--config.data.tfds_dir={tmp_path / 'tfds'}",
-        "--config.embed_dim=8",
-        "--config.seq_len=8",
-        "--config.sasrec.num_heads=2",
-        "--config.train.num_epochs=1",
-        "--config.train.progress=False",
+        *real_tiny(real_data_dir, tmp_path),
         "--config.fleet.num_devices=200",
         "--config.fleet.num_rounds=4",
         "--config.fleet.formats=float32,int8",

@@ -107,9 +107,9 @@ def test_bad_override_fails_naming_the_field(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_main_job_runs_on_real_movielens(real_data_dir, tmp_path):
-    run = _main(
-        "--config=experiments/configs/movielens_100k.py",
+def real_tiny(real_data_dir, tmp_path) -> list[str]:
+    """Flags for a one-epoch run on real data with a small model, built under ``tmp_path``."""
+    return [
         f"--workdir={tmp_path}",
         f"--config.data.data_dir={real_data_dir}",
         f"--config.data.tfds_dir={tmp_path / 'tfds'}",
@@ -118,7 +118,12 @@ def test_main_job_runs_on_real_movielens(real_data_dir, tmp_path):
         "--config.sasrec.num_heads=2",
         "--config.train.num_epochs=1",
         "--config.train.progress=False",
-    )
+    ]
+
+
+def test_main_job_runs_on_real_movielens(real_data_dir, tmp_path):
+    run = _main("--config=experiments/configs/movielens_100k.py",
+                *real_tiny(real_data_dir, tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in results["rows"]] == ["base", "duet"]
