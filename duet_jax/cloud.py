@@ -28,7 +28,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from duet_jax import sharding
+from duet_jax.data.batching import bucket_size
 from duet_jax.duet import Duet
+from duet_jax.lowrank import materialize
 
 UPLOADS = ("ids", "z")
 ID_BYTES = 4  # int32 item id
@@ -38,15 +40,6 @@ Z_BYTES = 4  # float32
 def default_mesh() -> Mesh | None:
     """The 1-d device mesh over every accelerator, or None when there is only one."""
     return sharding.device_mesh() if jax.device_count() > 1 else None
-
-
-def bucket_size(n: int, min_bucket: int, max_bucket: int, multiple: int = 1) -> int:
-    """Smallest power of two >= ``n`` within ``[min_bucket, max_bucket]``, rounded up to a
-    multiple of ``multiple`` (the number of shards). ``n`` above ``max_bucket`` is split by
-    the caller."""
-    size = max(min_bucket, 1 << max(n - 1, 0).bit_length())
-    size = min(size, max_bucket)
-    return -(-size // multiple) * multiple
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:
@@ -84,13 +77,14 @@ class Cloud:
         self.params = params
         gen = duet.generator
         self._encode = jax.jit(functools.partial(_encode_z, duet))
+        # A device receives the head in the template's structure, so low-rank kernels are
+        # formed (materialize) before delivery.
         if upload == "ids":
-            self._serve = jax.jit(duet.generate)
+            self._serve = jax.jit(lambda p, seqs: materialize(duet.generate(p, seqs)))
         else:
             decode = functools.partial(gen.apply, method=gen.decode)
-            self._serve = jax.jit(
-                lambda p, z: jax.vmap(decode, in_axes=(None, 0))(p["generator"], z)
-            )
+            self._serve = jax.jit(lambda p, z: materialize(
+                jax.vmap(decode, in_axes=(None, 0))(p["generator"], z)))
         self._warm: set[int] = set()
 
     @property

@@ -155,13 +155,18 @@ def generator_options(config: ml_collections.ConfigDict) -> dict:
 
 def method_options(config: ml_collections.ConfigDict, method: str) -> dict:
     """Generator options and ``training`` for a DUET variant: ``config.generator`` with the
-    variant's overrides (values ``"ablation.X"`` read from ``config.ablation.X``)."""
+    variant's overrides (values ``"ablation.X"`` read from ``config.ablation.X``, which must
+    switch the option on: an integer >= 1)."""
     options = generator_options(config)
     for name, value in DUET_VARIANTS[method].items():
         if isinstance(value, str) and value.startswith("ablation."):
-            value = config.ablation[value.split(".", 1)[1]]
+            field = value.split(".", 1)[1]
+            value = config.ablation[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"config.ablation.{field}", value,
+                                  f"an integer >= 1 (method {method} switches it on)")
         options[name] = value
-    return _generator_options(options, f"config.ablation ({method})")
+    return options
 
 
 def finetune_config(config: ml_collections.ConfigDict) -> FinetuneConfig:
@@ -171,7 +176,9 @@ def finetune_config(config: ml_collections.ConfigDict) -> FinetuneConfig:
             fields[name] = tuple(fields[name])
     fields["select_metric"] = config.train.select_metric
     fields["progress"] = bool(config.train.progress)
-    return _build(FinetuneConfig, {k: f"config.finetune.{k}" for k in fields}, **fields)
+    paths = {k: f"config.finetune.{k}" for k in fields}
+    paths["select_metric"] = "config.train.select_metric"
+    return _build(FinetuneConfig, paths, **fields)
 
 
 def sample_config(config: ml_collections.ConfigDict) -> SampleConfig:
@@ -251,8 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in methods(config):
         if name in DUET_VARIANTS:
             method_options(config, name)
-    if "finetune" in methods(config):
-        finetune_config(config)
+    finetune_config(config)  # its group size also times DUET's adaptation
     sample_config(config)
     name = dataset_name(config)
     if name == "synthetic":

@@ -20,7 +20,7 @@ from duet_jax.data.cache import cached_splits
 from duet_jax.data.samples import Splits
 from duet_jax.data.synthetic import build_synthetic
 from duet_jax.duet import Duet
-from duet_jax.methods import DUET_VARIANTS, get_method
+from duet_jax.methods import DUET_VARIANTS, duet_method, get_method
 from duet_jax.metrics import METRIC_NAMES
 from duet_jax.models import get_model
 from duet_jax.training import TrainResult, train_and_evaluate
@@ -126,6 +126,13 @@ def _run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) 
     return out
 
 
+def duet_variant(config: ml_collections.ConfigDict, model, name: str) -> tuple[Duet, str]:
+    """The :class:`Duet` of DUET variant ``name`` and its training mode."""
+    options = config_lib.method_options(config, name)
+    training = options.pop("training")
+    return Duet.create(model, **options), training
+
+
 def train_method(
     config: ml_collections.ConfigDict,
     data: Splits,
@@ -141,14 +148,15 @@ def train_method(
     resume; a DUET variant adds the generator options it really uses, and a two-stage one
     the digest of the ``base_params`` it starts from.
     """
-    opts = config_lib.method_options(config, name) if name in DUET_VARIANTS else {}
-    training = opts.pop("training", "joint")
-    method = get_method(name, model, training=training, base_params=base_params, **opts)
     run_config = dict(config_lib.run_identity(config) if identity is None else identity)
     if name in DUET_VARIANTS:
-        run_config["generator"] = {**opts, "training": training}
+        duet, training = duet_variant(config, model, name)
+        method = duet_method(duet, name, training, base_params)
+        run_config["generator"] = config_lib.method_options(config, name)
         if training == "two_stage":
             run_config["base_params"] = params_digest(base_params)
+    else:
+        method = get_method(name, model)
     logging.info("training %s/%s in %s", model.name, name, run_dir)
     return train_and_evaluate(
         method,
@@ -202,11 +210,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
         if name == "base":
             base_params = result.params
         else:
-            opts = config_lib.method_options(config, name)
-            opts.pop("training")
             extra["adapt_ms_per_device"] = 1e3 * adaptation.generation_seconds_per_device(
-                Duet.create(model, **opts), result.params, data.test, data.num_users,
-                group_size,
+                duet_variant(config, model, name)[0], result.params, data.test,
+                data.num_users, group_size,
             )
         rows.append(_row(model.name, name, config, result.test, result.val,
                          best_epoch=result.best_epoch, train_steps=result.steps,

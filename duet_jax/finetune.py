@@ -38,6 +38,7 @@ import optax
 from tqdm.auto import tqdm
 
 from duet_jax import metrics
+from duet_jax.data.batching import bucket_size
 from duet_jax.data.samples import SampleSet, Splits
 from duet_jax.errors import ConfigError
 from duet_jax.models import DeviceModel
@@ -148,11 +149,6 @@ def make_stage(tune_sets: list[SampleSet], evaluation: SampleSet, num_users: int
     )
 
 
-def _bucket(n: int, low: int = 8) -> int:
-    """Next power of two >= max(n, low): few distinct shapes, so few compilations."""
-    return max(low, 1 << max(n - 1, 0).bit_length())
-
-
 def _pad_rows(rows: list[np.ndarray], width: int, group: int) -> np.ndarray:
     """``[group, width]`` row indices, -1 where padded (rows beyond a device, empty devices)."""
     out = np.full((group, width), -1, np.int64)
@@ -175,7 +171,7 @@ def stage_groups(stage: Stage, group_size: int, num_samples: int):
     for start in range(0, len(stage.devices), group_size):
         tune = stage.tune_rows[start : start + group_size]
         evaluate = stage.eval_rows[start : start + group_size]
-        width = _bucket(max(len(r) for r in evaluate))
+        width = bucket_size(max(len(r) for r in evaluate), 8)
         eval_index = _pad_rows(evaluate, width, group_size)
         yield (
             start,

@@ -304,7 +304,7 @@ class Simulator:
         size = config.score_batch_size
         # The device runs its backbone on each sample once; only the head changes with the
         # policy and format, so the backbone features are computed once and reused.
-        encode = jax.jit(lambda b, batch: model.module.encode(b, batch, model.config))
+        encode = jax.jit(model.encode)
         parts = [
             jax.device_get(encode(duet_params["backbone"], {k: batch[k] for k in
                                                             ("click_seq", "target")}))
@@ -313,8 +313,7 @@ class Simulator:
         self.features = jax.tree.map(lambda *xs: np.concatenate(xs)[: len(streams.samples)],
                                      *parts)
         spec = self.spec
-        self._score = jax.jit(lambda flat, feats: model.module.head_logits(
-            spec.unflatten(flat), feats))
+        self._score = jax.jit(lambda flat, feats: model.head_logits(spec.unflatten(flat), feats))
         self._round_trip = {
             fmt: jax.jit(functools.partial(delivery.round_trip, spec, fmt=fmt))
             for fmt in config.formats

@@ -22,8 +22,9 @@ Options (DESIGN.md §1 quirk (a)):
   ``stabiliser_softmax`` picks the paper's softmax over candidates or the authors' over rows.
 - ``low_rank=k`` (0 = full rank): a matrix leaf ``[in, out]`` with ``k < min(in, out)`` is
   written as a :class:`duet_jax.lowrank.LowRankKernel`: the decoder generates a ``[k, k]``
-  core per device, and ``U [in, k]``, ``V [k, out]`` are shared, trained parameters
-  (``N(0, 1/k)`` at init, so ``U C V`` has the core's variance: glorot scale). The device
+  core per device, and ``U [in, k]``, ``V [k, out]`` are shared decoder parameters (trained
+  or frozen with the other decoder tensors; ``N(0, 1/k)`` at init, so ``U C V`` has the
+  core's variance: glorot scale). The device
   model applies it without forming the ``[in, out]`` weight; :func:`duet_jax.lowrank.materialize`
   forms it. Other leaves (vectors, thin matrices) stay full.
 """

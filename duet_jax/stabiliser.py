@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 
@@ -34,9 +35,7 @@ def stabilise(candidates: Array, softmax_over: str = "candidates") -> Array:
     num, shape = candidates.shape[0], candidates.shape[1:]
     rows = shape[0] if len(shape) >= 2 else 1
     c = candidates.reshape(num, rows, -1)
-    # Broadcast products rather than einsum: these contractions are tiny, and under vmap
-    # XLA-CPU runs the elementwise form about 4x faster than batched dot_generals.
-    scores = (c[:, None] * c[None, :]).sum(-1) / math.sqrt(c.shape[-1])  # [M, M, R]
+    scores = jnp.einsum("mrc,jrc->mjr", c, c) / math.sqrt(c.shape[-1])  # [M, M, R]
     axis = 1 if softmax_over == "candidates" else 2
     weights = jax.nn.softmax(scores, axis=axis).mean(axis=0)  # [M (j), R]: mean over m
-    return (weights[..., None] * c).sum(axis=0).reshape(shape)
+    return jnp.einsum("jr,jrc->rc", weights, c).reshape(shape)

@@ -395,14 +395,13 @@ def summarise(cases: list[dict], config) -> dict:
         if low and full:
             s["low_rank_vs_full_speedup"] = low["devices_per_s"] / full["devices_per_s"]
         out["models"][model] = s
-    ratios = [s["adaptation"]["finetune_over_duet"] for s in out["models"].values()
-              if "adaptation" in s]
     out["acceptance"] = {
         "vmap_vs_loop_at_least_10x": {m: s["vmap_vs_loop"]["speedup"] >= 10
                                       for m, s in out["models"].items() if "vmap_vs_loop" in s},
         "sequential_finetune_at_least_100x_duet": {
-            f"{m}/{k}": v >= 100 for m, r in zip(out["models"], ratios, strict=False)
-            for k, v in r.items() if k.startswith("finetune_loop")},
+            f"{m}/{k}": v >= 100 for m, s in out["models"].items() if "adaptation" in s
+            for k, v in s["adaptation"]["finetune_over_duet"].items()
+            if k.startswith("finetune_loop")},
     }
     return out
 

@@ -132,14 +132,14 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.validate(config)
     fc = FleetConfig.from_config(config.fleet)
     data = experiment.load_data(config, os.path.join(workdir, "train"))
-    names = ("base", "duet") if fc.base else ("duet",)
+    # two-stage DUET starts from Base's backbone, so it needs Base even when not scored
+    with_base = fc.base or experiment.needs_base(config, ["duet"])
+    names = ("base", "duet") if with_base else ("duet",)
     model, params, trained_summary = train_methods(config, data, workdir, names)
     trained = time.perf_counter()
 
     streams = build_streams(data.test, fc.num_rounds, fc.num_devices, fc.seed)
-    options = config_lib.method_options(config, "duet")
-    options.pop("training")
-    duet = Duet.create(model, **options)
+    duet, _ = experiment.duet_variant(config, model, "duet")
     sim = Simulator(streams, duet, params["duet"], fc)
     runs = [sim.run_policy(policy) for policy in fc.policies]
     if fc.base:

@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from duet_jax.cloud import Cloud, bucket_size
+from duet_jax.cloud import Cloud
+from duet_jax.data.batching import bucket_size
 from duet_jax.duet import Duet
+from duet_jax.lowrank import materialize
 from duet_jax.models import ModelConfig, get_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +68,20 @@ def test_z_upload_gives_the_same_heads_and_sends_z(duet_and_params, rng):
     by_z, _ = cloud.serve(uploads)
     for a, b in zip(jax.tree.leaves(by_z), jax.tree.leaves(by_ids), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("upload", ["ids", "z"])
+def test_low_rank_heads_are_delivered_in_the_templates_structure(rng, upload):
+    model = get_model("sasrec", ModelConfig(num_items=50, seq_len=6, embed_dim=8, num_heads=2))
+    duet = Duet.create(model, low_rank=2)
+    params = duet.init(jax.random.key(0))
+    cloud = Cloud(duet, params, upload, min_bucket=4, mesh=None)
+    seqs = _seqs(rng, 5)
+    heads, _ = cloud.serve(cloud.device_upload(seqs)[0])
+    duet.spec.check(heads, batch_ndim=1)  # plain leaves, template shapes, leading [5]
+    direct = materialize(jax.jit(duet.generate)(params, seqs))
+    for a, b in zip(jax.tree.leaves(heads), jax.tree.leaves(direct), strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 SHARDED_SCRIPT = """

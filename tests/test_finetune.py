@@ -108,6 +108,24 @@ def test_stages_take_each_devices_most_recent_rows(setup):
     assert counts == sorted(counts, reverse=True)
 
 
+def test_validation_stage_tunes_on_train_rows_and_test_labels_cannot_steer_selection(setup):
+    data, models, params = setup
+    stage = finetune.make_stage([data.train], data.val, data.num_users, 7)
+    for u, tune, ev in zip(stage.devices, stage.tune_rows, stage.eval_rows, strict=True):
+        np.testing.assert_array_equal(tune, np.flatnonzero(data.train.user == u)[-7:])
+        np.testing.assert_array_equal(ev, np.flatnonzero(data.val.user == u))
+    config = _config(steps=(1, 4), learning_rates=(1e-3, 3e-2))
+    model = models["sasrec"]
+    result = finetune.finetune_and_evaluate(model, params["sasrec"], data, config)
+    flipped = dataclasses.replace(
+        data, test=dataclasses.replace(data.test, label=1.0 - data.test.label)
+    )
+    again = finetune.finetune_and_evaluate(model, params["sasrec"], flipped, config)
+    assert again.grid == result.grid  # selection saw validation only
+    assert (again.learning_rate, again.steps) == (result.learning_rate, result.steps)
+    assert again.test["auc"] != result.test["auc"]
+
+
 def test_fine_tuning_lowers_each_devices_own_loss(setup):
     data, models, params = setup
     model = models["sasrec"]

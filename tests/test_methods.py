@@ -66,7 +66,8 @@ def test_experiment_runs_every_method_and_reuses_finished_work(data, tmp_path):
      ("generator.stabiliser", -1, r"config\.generator\.stabiliser"),
      ("generator.stabiliser_softmax", "heads", r"config\.generator\.stabiliser_softmax"),
      ("generator.low_rank", -2, r"config\.generator\.low_rank"),
-     ("ablation.low_rank", -1, r"duet_low_rank"),
+     ("ablation.low_rank", 0, r"config\.ablation\.low_rank=0 .*switches it on"),
+     ("train.select_metric", "acc", r"config\.train\.select_metric"),
      ("methods", "base,duet_big", r"config\.methods")],
 )
 def test_bad_method_options_name_the_field(field, value, match):

@@ -41,3 +41,13 @@ def batches(
     order = np.arange(len(samples)) if order is None else order
     for b in range(start, num_batches(len(order), batch_size)):
         yield padded_batch(samples, order[b * batch_size : (b + 1) * batch_size], batch_size)
+
+
+def bucket_size(n: int, min_bucket: int, max_bucket: int | None = None, multiple: int = 1) -> int:
+    """Smallest power of two >= ``n`` within ``[min_bucket, max_bucket]``, rounded up to a
+    multiple of ``multiple`` (the number of shards). ``n`` above ``max_bucket`` is split by
+    the caller."""
+    size = max(min_bucket, 1 << max(n - 1, 0).bit_length())
+    if max_bucket is not None:
+        size = min(size, max_bucket)
+    return -(-size // multiple) * multiple
