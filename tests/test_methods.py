@@ -39,6 +39,7 @@ def test_two_stage_trains_the_generator_on_a_frozen_base_backbone(data, tmp_path
         get_method("duet_two_stage", model, training="two_stage")
 
 
+@pytest.mark.slow  # trains all seven methods (about 1.5 minutes on 2 cores)
 def test_experiment_runs_every_method_and_reuses_finished_work(data, tmp_path):
     config = tiny_config()
     config.methods = ",".join(["finetune", *DUET_VARIANTS])
