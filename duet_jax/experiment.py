@@ -112,15 +112,7 @@ def _run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) 
         if stored.get("identity") == identity:
             return stored["result"]
     result = finetune.finetune_and_evaluate(model, base_params, data, ft_config)
-    out = {
-        "test": result.test,
-        "val": result.val,
-        "learning_rate": result.learning_rate,
-        "steps": result.steps,
-        "grid": result.grid,
-        "devices": result.devices,
-        "seconds_per_device": result.seconds_per_device,
-    }
+    out = dataclasses.asdict(result)
     os.makedirs(run_dir, exist_ok=True)
     files.write_text_atomic(path, files.dumps({"identity": identity, "result": out}))
     return out

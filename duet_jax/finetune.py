@@ -300,12 +300,6 @@ def time_adaptation(model: DeviceModel, params: dict, stage: Stage, config: Fine
     return (time.perf_counter() - started) / len(stage.devices)
 
 
-def _score(metric: str, value: float) -> float:
-    if not math.isfinite(value):
-        return -math.inf
-    return -value if metric == "logloss" else value
-
-
 def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
                           config: FinetuneConfig) -> FinetuneResult:
     """Select ``(learning_rate, steps)`` on validation, then report device-test."""
@@ -318,7 +312,7 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
         for steps, row in zip(schedule, logits, strict=True):
             val = metrics.evaluate(data.val.user, data.val.label, row)
             grid.append({"learning_rate": lr, "steps": steps, "val": val})
-            score = _score(config.select_metric, val[config.select_metric])
+            score = metrics.selection_score(config.select_metric, val[config.select_metric])
             if best is None or score > best[0]:
                 best = (score, lr, steps, val)
     _, lr, steps, val = best

@@ -23,6 +23,14 @@ DEFAULT_KS = (5, 10, 20)
 METRIC_NAMES = ("auc", "uauc", "logloss", *(f"{m}@{k}" for k in DEFAULT_KS for m in ("ndcg", "hr")))
 
 
+def selection_score(metric: str, value: float) -> float:
+    """``value`` of ``metric`` as a score where higher is better: logloss is negated, and a
+    non-finite value never wins a model selection."""
+    if not np.isfinite(value):
+        return -np.inf
+    return -value if metric == "logloss" else value
+
+
 def _as_arrays(users, labels, scores):
     users = np.asarray(users).reshape(-1)
     labels = np.asarray(labels).reshape(-1)

@@ -132,13 +132,6 @@ def evaluate(
     return metrics.evaluate(samples.user, samples.label, logits)
 
 
-def _score(metric: str, value: float) -> float:
-    """Higher is better; logloss is negated; NaN never wins."""
-    if not math.isfinite(value):
-        return -math.inf
-    return -value if metric == "logloss" else value
-
-
 def _check_run_config(workdir: str, run_config: dict) -> None:
     """Refuse to resume a run under a workdir that was started with another config."""
     path = os.path.join(workdir, "run_config.json")
@@ -257,7 +250,7 @@ def train_and_evaluate(
             flush_losses()
             where = f"{name or method.name} validation after epoch {epoch + 1} (step {step})"
             val = evaluate(logits_fn, state.params, data.val, config.eval_batch_size, where)
-            score = _score(config.select_metric, val[config.select_metric])
+            score = metrics.selection_score(config.select_metric, val[config.select_metric])
             meta["history"].append(
                 {
                     "epoch": epoch + 1,
