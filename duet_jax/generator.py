@@ -5,7 +5,8 @@ embedded trigger sequence), its state at the last valid position goes through
 ``Dense(D, tanh) -> Dense(Z)`` to give ``z [Z]``; then one decoder per head leaf writes that
 leaf: ``leaf = reshape(z @ w_leaf + b_leaf, leaf.shape)`` (row-major). For a dense layer
 ``{kernel [in, out], bias [out]}`` this is exactly the authors' per-layer ``(w1, b1)`` and
-``(w2, b2)``. The module is written for one device; ``jax.vmap`` runs it across devices.
+``(w2, b2)``. The encoder is written for one device (``jax.vmap`` runs it across
+devices); the decoders take ``z`` for one device or a batch ``[N, Z]``.
 
 Options (DESIGN.md §1 quirk (a)):
 - ``decoders="trained"`` (default, the paper's intent) or ``"frozen"``: the authors' code never
@@ -84,6 +85,28 @@ def _glorot_decoder(leaf_shape: tuple[int, ...]):
     return init
 
 
+# From this many devices in one call, the decoders fold their bias into the matmul (see
+# :func:`affine`); below it, forming the [Z + 1, size] kernel costs more than it saves.
+FOLD_BIAS_MIN_DEVICES = 64
+
+
+def affine(z: Array, kernel: Array, bias: Array) -> Array:
+    """``z @ kernel + bias`` for ``z [*devices, Z]``, ``kernel [Z, size]``, ``bias [size]``.
+
+    With at least :data:`FOLD_BIAS_MIN_DEVICES` devices it runs as one matmul,
+    ``[z, 1] @ [kernel; bias]``. Why: XLA-CPU runs the bias add as a second pass over the
+    ``[devices, size]`` output; for DIN's 16,641-value head at 256 devices that pass made the
+    decoders 1.4-1.9x slower (2 CPU cores). For a single device the extra copy of the kernel
+    costs more than the pass (1.7x slower), so small calls keep the plain form. Both forms
+    compute the same sum; only the float summation order differs.
+    """
+    devices = math.prod(z.shape[:-1])
+    if devices < FOLD_BIAS_MIN_DEVICES:
+        return z @ kernel + bias
+    ones = jnp.ones((*z.shape[:-1], 1), z.dtype)
+    return jnp.concatenate([z, ones], -1) @ jnp.concatenate([kernel, bias[None]], 0)
+
+
 def low_rank_for(shape: tuple[int, ...], rank: int) -> bool:
     """Whether a leaf of ``shape`` is generated low-rank at ``rank`` (0 = never)."""
     return rank > 0 and len(shape) == 2 and rank < min(shape)
@@ -96,7 +119,8 @@ def _factor_init(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array
 
 
 class LeafDecoder(nn.Module):
-    """``z [Z]`` -> one head leaf of ``shape`` and ``dtype`` (or its low-rank form).
+    """``z [*devices, Z]`` -> one head leaf ``[*devices, *shape]`` of ``dtype`` (or its
+    low-rank form, with the core batched and ``U``, ``V`` shared).
 
     ``candidates = 0``: ``leaf = reshape(z @ kernel + bias)``. ``candidates = M``: M such
     decoders (kernel ``[M, Z, size]``) whose outputs the stabiliser mixes.
@@ -131,13 +155,17 @@ class LeafDecoder(nn.Module):
             kernel, bias = jax.lax.stop_gradient(kernel), jax.lax.stop_gradient(bias)
             if low_rank:
                 u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
+        devices = z.shape[:-1]
         if self.candidates:
-            # one [Z, M * size] matmul: under vmap a plain GEMM over devices
+            # one [Z, M * size] matmul: a plain GEMM over devices
             flat = jnp.moveaxis(kernel, 0, 1).reshape(z.shape[-1], -1)
-            out = (z @ flat).reshape(self.candidates, size) + bias
-            out = stabiliser_lib.stabilise(out.reshape(-1, *generated), self.softmax_over)
+            out = affine(z, flat, bias.reshape(-1)).reshape(*devices, self.candidates, *generated)
+            mix = lambda c: stabiliser_lib.stabilise(c, self.softmax_over)
+            for _ in devices:
+                mix = jax.vmap(mix)
+            out = mix(out)
         else:
-            out = (z @ kernel + bias).reshape(generated)
+            out = affine(z, kernel, bias).reshape(*devices, *generated)
         out = out.astype(self.dtype)
         return LowRankKernel(u=u, core=out, v=v) if low_rank else out
 
@@ -204,8 +232,10 @@ class ParameterGenerator(nn.Module):
         return self.encoder(seq_features, mask)
 
     def decode(self, z: Array) -> Any:
-        """``z [Z]`` -> head pytree (template structure, shapes, dtypes; low-rank matrix
-        leaves as :class:`LowRankKernel`)."""
+        """``z [*devices, Z]`` -> head pytree (template structure and dtypes, leaves
+        ``[*devices, *shape]``; low-rank matrix leaves as :class:`LowRankKernel` with the core
+        batched). Batched rather than vmapped, so :func:`affine` sees how many devices share
+        the call."""
         return self.spec.unflatten_leaves([dec(z) for dec in self.leaf_decoders])
 
     def __call__(self, seq_features: Array, mask: Array) -> Any:
@@ -222,16 +252,11 @@ def init_generator(generator: ParameterGenerator, rng: Array, seq_len: int, feat
 def generate(generator: ParameterGenerator, params, seq_features: Array, mask: Array) -> Any:
     """Heads for many devices: ``[N, L, D]``, ``[N, L]`` -> head leaves with leading ``N``.
 
-    Pure and vmapped; wrap in ``jax.jit`` (``functools.partial(generate, generator)``).
-    Low-rank leaves come back with a per-device core ``[N, k, k]`` and the shared ``U``, ``V``
-    once (not copied per device).
+    Pure; wrap in ``jax.jit`` (``functools.partial(generate, generator)``). The encoder is
+    vmapped over devices, the decoders run batched on ``z [N, Z]``. Low-rank leaves come back
+    with a per-device core ``[N, k, k]`` and the shared ``U``, ``V`` once (not copied per
+    device).
     """
-    out_axes = generator.spec.unflatten_leaves(
-        [
-            LowRankKernel(u=None, core=0, v=None) if low_rank_for(shape, generator.low_rank) else 0
-            for shape in generator.spec.shapes
-        ]
-    )
-    return jax.vmap(generator.apply, in_axes=(None, 0, 0), out_axes=out_axes)(
-        params, seq_features, mask
-    )
+    encode = lambda f, m: generator.apply(params, f, m, method=ParameterGenerator.encode)
+    z = jax.vmap(encode)(seq_features, mask)
+    return generator.apply(params, z, method=ParameterGenerator.decode)

@@ -207,9 +207,8 @@ class Bench:
             one = lambda f, m: gen.apply(p["generator"], f, m, method=ParameterGenerator.encode)
             return jax.vmap(one)(features, mask)
 
-        def decode(p, z):
-            return jax.vmap(lambda v: gen.apply(p["generator"], v,
-                                                method=ParameterGenerator.decode))(z)
+        def decode(p, z):  # batched, as generate runs it
+            return gen.apply(p["generator"], z, method=ParameterGenerator.decode)
 
         batches = self.batches(n, batch)
         rows = [self.case("encoder", model, n, batch,

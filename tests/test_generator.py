@@ -8,6 +8,7 @@ import pytest
 
 from duet_jax import generator as gen_lib
 from duet_jax.duet import Duet
+from duet_jax.lowrank import LowRankKernel
 from duet_jax.models import ModelConfig, get_model
 from duet_jax.paramspec import HeadSpec
 from tests import numpy_reference as ref
@@ -62,22 +63,46 @@ def test_model_heads_match_templates(name, rng):
     assert jax.tree.leaves(heads)[0].shape[0] == 6
 
 
-def test_vmap_over_devices_equals_python_loop(rng):
-    gen = _generator(ODD_TEMPLATE)
+# below and above the device count from which the decoders fold their bias into the matmul
+DEVICE_COUNTS = [6, gen_lib.FOLD_BIAS_MIN_DEVICES + 2]
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+@pytest.mark.parametrize("options", [{}, {"stabiliser": 3}, {"low_rank": 2}])
+def test_batched_generation_equals_python_loop(rng, n, options):
+    gen = _generator(ODD_TEMPLATE, **options)
     params = gen_lib.init_generator(gen, jax.random.key(1), 7, 4)
     params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
-    features, mask, _ = _inputs(rng, 6)
+    features, mask, _ = _inputs(rng, n)
     batched = jax.jit(functools.partial(gen_lib.generate, gen))(params, features, mask)
     single = jax.jit(gen.apply)
-    for i in range(6):
+    is_leaf = lambda x: isinstance(x, LowRankKernel)
+    for i in range(n):
         one = single(params, features[i], mask[i])
-        for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(one), strict=True):
+        for a, b in zip(jax.tree.leaves(batched, is_leaf), jax.tree.leaves(one, is_leaf),
+                        strict=True):
+            if isinstance(a, LowRankKernel):  # shared factors once, the core per device
+                np.testing.assert_array_equal(a.u, b.u)
+                np.testing.assert_array_equal(a.v, b.v)
+                a, b = a.core, b.core
             np.testing.assert_allclose(
                 np.asarray(a[i], np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6
             )
 
 
-def test_generator_matches_numpy_reference(rng):
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+def test_affine_matches_float64_reference(rng, n):
+    z = rng.normal(size=(n, 5)).astype(np.float32)
+    kernel = rng.normal(size=(5, 300)).astype(np.float32)
+    bias = rng.normal(size=(300,)).astype(np.float32)
+    want = z.astype(np.float64) @ kernel.astype(np.float64) + bias
+    got = jax.jit(gen_lib.affine)(z, kernel, bias)
+    assert got.shape == (n, 300)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", DEVICE_COUNTS)
+def test_generator_matches_numpy_reference(rng, n):
     template = {
         "dense": {
             "kernel": jax.ShapeDtypeStruct((4, 3), jnp.float32),
@@ -86,9 +111,9 @@ def test_generator_matches_numpy_reference(rng):
     }
     gen = _generator(template, decoder_init="fmod_normal")
     params = gen_lib.init_generator(gen, jax.random.key(2), 7, 4)
-    features, mask, lengths = _inputs(rng, 3)
+    features, mask, lengths = _inputs(rng, n)
     heads = gen_lib.generate(gen, params, features, mask)
-    for i in range(3):
+    for i in range(n):
         want = ref.generator(params, features[i], lengths[i], gen.spec.paths, gen.spec.shapes)
         np.testing.assert_allclose(
             heads["dense"]["kernel"][i], want["dense/kernel"], rtol=1e-4, atol=1e-5
