@@ -99,6 +99,22 @@ def shard_devices(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
+def process_rows(x: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of global rows ``x [N, ...]``: what each process passes
+    to :func:`shard_devices` in a multi-host run (on one host, all of ``x``).
+
+    Every process holds the same global ``x`` (e.g. made from the same seed) and keeps rows
+    ``[i * N / P, (i + 1) * N / P)`` for process ``i`` of ``P``; ``N`` must split evenly.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return x
+    if len(x) % count:
+        raise ValueError(f"{len(x)} rows do not split evenly over {count} processes")
+    share = len(x) // count
+    return x[index * share:(index + 1) * share]
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Put a copy of ``tree`` (parameters) on every accelerator of ``mesh``."""
     return jax.device_put(tree, replicated(mesh))

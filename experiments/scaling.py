@@ -42,13 +42,19 @@ def measure(model: str, num_items: int, seq_len: int, embed_dim: int, devices: i
             seed: int = 0) -> dict:
     """Devices/s of sharded generation on a mesh of the first ``num_accelerators``."""
     mesh = sharding.device_mesh(num_accelerators)
+    if jax.process_count() > 1 and mesh.size != jax.device_count():
+        raise ValueError(f"num_accelerators={num_accelerators}: a multi-host run must use all "
+                         f"{jax.device_count()} accelerators of its {jax.process_count()} "
+                         "processes")
     duet = Duet.create(get_model(model, ModelConfig(num_items=num_items, seq_len=seq_len,
                                                     embed_dim=embed_dim)))
     params = sharding.replicate(duet.init(jax.random.key(seed)), mesh)
     batch = mesh.size * per_accelerator_batch
     calls = -(-devices // batch)
     seq = random_sequences(np.random.default_rng(seed), calls * batch, seq_len, num_items)
-    batches = [sharding.shard_devices(b, mesh) for b in seq.reshape(calls, batch, seq_len)]
+    # multi-host: every process made the same global rows and places only its own share
+    batches = [sharding.shard_devices(sharding.process_rows(b), mesh)
+               for b in seq.reshape(calls, batch, seq_len)]
     started = time.perf_counter()
     fn = sharding.sharded_generate(duet, mesh).lower(params, batches[0]).compile()
     compile_s = time.perf_counter() - started

@@ -109,3 +109,14 @@ def test_sharded_equals_unsharded_on_8_fake_devices():
     assert result["mesh_size"] == FAKE_DEVICES
     for name, checks in result["models"].items():
         assert all(checks.values()), (name, checks)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_process_rows_takes_this_process_share(monkeypatch, index):
+    rows = np.arange(12)[:, None] * np.ones((1, 3), np.int32)
+    np.testing.assert_array_equal(sharding.process_rows(rows), rows)  # one host: all rows
+    monkeypatch.setattr(sharding.jax, "process_count", lambda: 3)
+    monkeypatch.setattr(sharding.jax, "process_index", lambda: index)
+    np.testing.assert_array_equal(sharding.process_rows(rows), rows[4 * index:4 * index + 4])
+    with pytest.raises(ValueError, match="10 rows do not split evenly over 3 processes"):
+        sharding.process_rows(rows[:10])
