@@ -82,9 +82,9 @@ class Cloud:
         if upload == "ids":
             self._serve = jax.jit(lambda p, seqs: materialize(duet.generate(p, seqs)))
         else:
-            decode = functools.partial(gen.apply, method=gen.decode)
+            # decoders run batched on z [n, Z], as in Duet.generate
             self._serve = jax.jit(lambda p, z: materialize(
-                jax.vmap(decode, in_axes=(None, 0))(p["generator"], z)))
+                gen.apply(p["generator"], z, method=gen.decode)))
         self._warm: set[int] = set()
 
     @property
@@ -97,8 +97,18 @@ class Cloud:
         seqs = np.asarray(seqs, np.int32)
         if self.upload == "ids":
             return seqs, ID_BYTES * (seqs > 0).sum(axis=1).astype(np.int64)
-        z = np.asarray(self._encode(self.params, seqs)) if len(seqs) else np.zeros((0, 0))
-        return z.astype(np.float32), np.full(len(seqs), Z_BYTES * z.shape[-1], np.int64)
+        if not len(seqs):
+            return np.zeros((0, self.duet.generator.z_dim), np.float32), np.zeros(0, np.int64)
+        # padded to a bucket like serve(), so the simulated devices' encoder compiles once
+        # per bucket, not once per number of requests
+        parts = []
+        for start in range(0, len(seqs), self.max_bucket):
+            chunk = seqs[start : start + self.max_bucket]
+            bucket = bucket_size(len(chunk), self.min_bucket, self.max_bucket, self.shards)
+            parts.append(np.asarray(self._encode(self.params, self._put(_pad(chunk, bucket))))
+                         [: len(chunk)])
+        z = np.concatenate(parts).astype(np.float32)
+        return z, np.full(len(seqs), Z_BYTES * z.shape[-1], np.int64)
 
     def _put(self, x: np.ndarray) -> jax.Array:
         return jax.device_put(x, self._rows) if self._rows is not None else jax.device_put(x)

@@ -70,6 +70,20 @@ def test_z_upload_gives_the_same_heads_and_sends_z(duet_and_params, rng):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_z_uploads_are_bucketed_and_chunked(duet_and_params, rng):
+    duet, params = duet_and_params
+    cloud = Cloud(duet, params, "z", min_bucket=8, max_bucket=16, mesh=None)
+    seqs = _seqs(rng, 40)
+    direct, _ = Cloud(duet, params, "z", min_bucket=64, mesh=None).device_upload(seqs)
+    for n in (5, 6, 7, 40):  # buckets 8, 8, 8 and chunks 16 + 16 + 8: two shapes in all
+        z, nbytes = cloud.device_upload(seqs[:n])
+        assert z.shape == (n, duet.generator.z_dim) and nbytes.shape == (n,)
+        np.testing.assert_allclose(z, direct[:n], rtol=1e-5, atol=1e-6)
+    assert cloud._encode._cache_size() == 2
+    empty, no_bytes = cloud.device_upload(seqs[:0])
+    assert empty.shape == (0, duet.generator.z_dim) and no_bytes.shape == (0,)
+
+
 @pytest.mark.parametrize("upload", ["ids", "z"])
 def test_low_rank_heads_are_delivered_in_the_templates_structure(rng, upload):
     model = get_model("sasrec", ModelConfig(num_items=50, seq_len=6, embed_dim=8, num_heads=2))
