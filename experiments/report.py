@@ -7,6 +7,7 @@ import io
 import math
 import os
 import platform
+import subprocess
 from importlib import metadata
 
 from duet_jax import files
@@ -14,6 +15,7 @@ from duet_jax.experiment import ROW_KEYS
 
 COLUMNS = tuple(k for k in ROW_KEYS if k != "seed")  # the table; every row also has its seed
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def environment() -> dict:
@@ -34,7 +36,24 @@ def environment() -> dict:
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
         "versions": versions,
+        "code": code_version(),
     }
+
+
+def code_version(root: str = ROOT) -> dict:
+    """The git commit the code ran at and whether tracked files differed from it (``None``
+    values outside a git checkout)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def _cpu_model() -> str:
