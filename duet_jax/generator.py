@@ -32,6 +32,7 @@ Options (DESIGN.md §1 quirk (a)):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -98,7 +99,9 @@ def affine(z: Array, kernel: Array, bias: Array) -> Array:
     ``[devices, size]`` output; for DIN's 16,641-value head at 256 devices that pass made the
     decoders 1.4-1.9x slower (2 CPU cores). For a single device the extra copy of the kernel
     costs more than the pass (1.7x slower), so small calls keep the plain form. Both forms
-    compute the same sum; only the float summation order differs.
+    compute the same sum; only the float summation order differs. The threshold was measured
+    on XLA-CPU, and counts the devices of the whole call (under ``sharded_generate``, all
+    accelerators' rows together).
     """
     devices = math.prod(z.shape[:-1])
     if devices < FOLD_BIAS_MIN_DEVICES:
@@ -116,6 +119,13 @@ def _factor_init(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array
     """``N(0, 1/k)`` for a low-rank factor ``U [in, k]`` or ``V [k, out]``."""
     rank = min(shape)
     return jax.random.normal(rng, shape, dtype) / math.sqrt(rank)
+
+
+def _over_leading(fn: Any, ndim: int) -> Any:
+    """``fn(x)`` for one device, mapped over the ``ndim`` leading (device) axes of ``x``."""
+    for _ in range(ndim):
+        fn = jax.vmap(fn)
+    return fn
 
 
 class LeafDecoder(nn.Module):
@@ -160,10 +170,8 @@ class LeafDecoder(nn.Module):
             # one [Z, M * size] matmul: a plain GEMM over devices
             flat = jnp.moveaxis(kernel, 0, 1).reshape(z.shape[-1], -1)
             out = affine(z, flat, bias.reshape(-1)).reshape(*devices, self.candidates, *generated)
-            mix = lambda c: stabiliser_lib.stabilise(c, self.softmax_over)
-            for _ in devices:
-                mix = jax.vmap(mix)
-            out = mix(out)
+            mix = functools.partial(stabiliser_lib.stabilise, softmax_over=self.softmax_over)
+            out = _over_leading(mix, len(devices))(out)
         else:
             out = affine(z, kernel, bias).reshape(*devices, *generated)
         out = out.astype(self.dtype)
@@ -195,8 +203,10 @@ def decoder_name(path: str) -> str:
 class ParameterGenerator(nn.Module):
     """Sequence features of one device -> a head with the template's structure and dtypes.
 
-    ``__call__(seq_features [L, D], mask [L]) -> head``; ``encode`` and ``decode`` split the
-    two stages (for timing). Vmap ``apply`` across devices for ``[N, L, D]`` inputs.
+    ``__call__(seq_features [L, D], mask [L]) -> head`` for one device; ``encode`` (one
+    device) and ``decode`` (one device or a batch) are the two stages. For many devices use
+    :func:`generate`, which runs the decoders batched (vmapping ``apply`` instead would give
+    the same heads without the bias fold of :func:`affine`).
     """
 
     spec: HeadSpec

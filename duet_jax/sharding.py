@@ -3,7 +3,7 @@
 Simulated devices (phones) are independent, so their axis is the one to split: every array
 with a leading device axis ``[N, ...]`` is placed with ``P("devices")`` over a 1-D mesh of
 all accelerators, and parameters are replicated. ``jit`` with those in/out shardings runs
-the same vmapped generation (or fine-tuning) on each accelerator's slice with no
+the same batched generation (or vmapped fine-tuning) on each accelerator's slice with no
 communication at all. No ``pmap``.
 
 The mesh axis is ``AxisType.Auto``: ``jax.make_mesh`` now defaults to explicit axis types
@@ -105,6 +105,9 @@ def process_rows(x: np.ndarray) -> np.ndarray:
 
     Every process holds the same global ``x`` (e.g. made from the same seed) and keeps rows
     ``[i * N / P, (i + 1) * N / P)`` for process ``i`` of ``P``; ``N`` must split evenly.
+    Which global rows a process's block becomes follows the mesh's device order (process by
+    process for :func:`device_mesh`'s ``jax.devices()`` order; a reordered mesh permutes the
+    blocks, which matters only when rows must stay in a given order).
     """
     count, index = jax.process_count(), jax.process_index()
     if count == 1:

@@ -12,7 +12,8 @@ Writes ``DIR/benchmark.json`` (every case, the machine, versions, load average) 
 - ``encoder`` / ``decoder``: the two stages alone (sequence -> z; z -> head).
 - ``low_rank``: the same generation with low-rank decoders (a k x k core per matrix leaf).
 - ``loop``: a Python loop of the jitted single-device function (vs ``generation`` at the
-  same N: the jit+vmap speed-up).
+  same N: the speed-up of batching, which includes the decoders' bias fold that only a
+  batched call uses, see ``duet_jax.generator.affine``).
 - ``duet_adapt``, ``finetune_vmap``, ``finetune_loop``: DUET's adaptation (generating a
   device's head, in groups of the fine-tuning group size) against k Adam steps of head
   fine-tuning, vmapped in groups and one device at a time (as the authors' code runs it).

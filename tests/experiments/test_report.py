@@ -6,7 +6,7 @@ import pytest
 from experiments import report
 
 
-def test_code_version_names_the_checked_out_commit(tmp_path):
+def test_code_version_names_the_checked_out_commit():
     code = report.code_version()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=report.ROOT, capture_output=True,
                           text=True).stdout.strip()
@@ -17,5 +17,6 @@ def test_code_version_names_the_checked_out_commit(tmp_path):
     assert report.environment()["code"] == code
 
 
-def test_code_version_outside_a_checkout_is_none(tmp_path):
+def test_code_version_outside_a_checkout_is_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no parent repo
     assert report.code_version(str(tmp_path)) == {"commit": None, "dirty": None}
