@@ -41,19 +41,26 @@ def environment() -> dict:
 
 
 def code_version(root: str = ROOT) -> dict:
-    """The git commit the code ran at and whether tracked files differed from it (``None``
-    values outside a git checkout)."""
+    """The git commit the code ran at, whether tracked files differed from it and which
+    (``dirty_paths``: so a reader can tell edited code from uncommitted result files);
+    ``None`` values outside a git checkout."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                                  timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
-        return out.stdout.strip() if out.returncode == 0 else None
+        # not stripped: a porcelain line starts with a meaningful space (" M path")
+        return out.stdout if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
+    commit = commit.strip() if commit else None
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    if status is None:
+        return {"commit": commit, "dirty": None, "dirty_paths": None}
+    # porcelain v1: two status letters, a space, then the path ("old -> new" for renames)
+    paths = [line[3:] for line in status.splitlines() if line.strip()]
+    return {"commit": commit, "dirty": bool(paths), "dirty_paths": paths}
 
 
 def _cpu_model() -> str:
