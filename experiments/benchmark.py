@@ -11,9 +11,10 @@ Writes ``DIR/benchmark.json`` (every case, the machine, versions, load average) 
   padded), heads discarded batch by batch; the N sweep at one B and the B sweep at one N.
 - ``encoder`` / ``decoder``: the two stages alone (sequence -> z; z -> head).
 - ``low_rank``: the same generation with low-rank decoders (a k x k core per matrix leaf).
-- ``loop``: a Python loop of the jitted single-device function (vs ``generation`` at the
-  same N: the speed-up of batching, which includes the decoders' bias fold that only a
-  batched call uses, see ``duet_jax.generator.affine``).
+- ``loop``: a Python loop of the jitted single-device function against jit+vmap generation
+  of the same N devices, timed alternately in ``paired_rounds`` rounds (the speed-up of
+  batching, which includes the decoders' bias fold that only a batched call uses, see
+  ``duet_jax.generator.affine``).
 - ``duet_adapt``, ``finetune_vmap``, ``finetune_loop``: DUET's adaptation (generating a
   device's head, in groups of the fine-tuning group size) against k Adam steps of head
   fine-tuning, vmapped in groups and one device at a time (as the authors' code runs it).
@@ -129,16 +130,7 @@ class Bench:
         """Compile ``fn``, then time passes that call it on every ``args_per_call`` entry
         (one call kept in flight while the next is dispatched; results discarded)."""
         compiled, compile_s = timing.compile_timed(fn, *compile_args)
-
-        def run():
-            previous = None
-            for args in args_per_call:
-                out = compiled(*args)
-                if previous is not None:
-                    jax.block_until_ready(previous)
-                previous = out
-            jax.block_until_ready(previous)
-
+        run = _pipelined(compiled, args_per_call)
         timing.reset_peak_rss()
         result = timing.time_pass(
             run, self.config.repeats, compile_s,
@@ -234,9 +226,35 @@ class Bench:
             for s in seqs:
                 jax.block_until_ready(compiled(params, s))
 
-        return self._timed_loop("loop", model, n, run, compiled, compile_s,
+        case = self._timed_loop("loop", model, n, run, compiled, compile_s,
                                 lambda: jax.block_until_ready(compiled(params, seqs[0])),
                                 timing.matmul_flops(single, params, seqs[0]))
+        case["paired_with_vmap"] = self._paired_with_vmap(model, n, run)
+        return case
+
+    def _paired_with_vmap(self, model: str, n: int, loop_pass: Callable[[], None]) -> dict:
+        """The loop and jit+vmap generation of the same N devices (in batches of
+        ``batch_size``) timed alternately, round by round, each round's ratio kept: a change
+        in the machine's load between two separately timed cases (minutes apart) moves
+        their ratio, but hits both halves of a round alike."""
+        duet, params = self.duet(model)
+        batches = self.batches(n, self.config.batch_size)
+        compiled, _ = timing.compile_timed(duet.generate, params, batches[0])
+        vmap_pass = _pipelined(compiled, [(params, b) for b in batches])
+        vmap_pass()  # warm-up (the loop's function is warm already)
+        loop_s, vmap_s = [], []
+        order = [(loop_pass, loop_s), (vmap_pass, vmap_s)]
+        for r in range(self.config.paired_rounds):
+            # alternate which goes first, so neither always runs on a just-warmed cache
+            for run, times in order if r % 2 == 0 else order[::-1]:
+                started = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - started)
+        speedups = [lo / v for lo, v in zip(loop_s, vmap_s, strict=True)]
+        return {"batch_size": self.config.batch_size, "rounds": len(speedups),
+                "loop_s": loop_s, "vmap_s": vmap_s, "speedups": speedups,
+                "median_speedup": float(np.median(speedups)),
+                "min_speedup": min(speedups), "max_speedup": max(speedups)}
 
     def _timed_loop(self, kind: str, model: str, n: int, run: Callable, compiled,
                     compile_s: float, warmup: Callable, matmul: dict, **extra) -> dict:
@@ -333,6 +351,21 @@ def _compile(fn: Callable, *args):
     return timing.compile_timed(fn, *args)
 
 
+def _pipelined(compiled, args_per_call: list[tuple]) -> Callable[[], None]:
+    """A pass that calls ``compiled`` on every ``args_per_call`` entry, keeping one call in
+    flight while the next is dispatched, and blocks on the last (results discarded)."""
+    def run():
+        previous = None
+        for args in args_per_call:
+            out = compiled(*args)
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = out
+        jax.block_until_ready(previous)
+
+    return run
+
+
 def _finetune(model, mode, steps, trainable, fixed, tune_batch, lr):
     return finetune.finetune_params(model, mode, trainable, fixed, tune_batch, lr, steps)
 
@@ -370,10 +403,22 @@ def summarise(cases: list[dict], config) -> dict:
         loop = find("loop", model)
         vmap = find("generation", model, num_devices=config.loop_devices,
                     batch_size=config.batch_size)
-        if loop and vmap:
-            s["vmap_vs_loop"] = {"num_devices": config.loop_devices,
-                                 "speedup": vmap["devices_per_s"] / loop["devices_per_s"],
-                                 "loop_extrapolated": False}
+        paired = loop.get("paired_with_vmap") if loop else None
+        if loop and (vmap or paired):
+            # the paired (alternating) measurement when there is one; the ratio of the two
+            # separately timed cases is kept beside it
+            s["vmap_vs_loop"] = {"num_devices": config.loop_devices, "loop_extrapolated": False}
+            if vmap:
+                s["vmap_vs_loop"]["unpaired_speedup"] = (vmap["devices_per_s"]
+                                                         / loop["devices_per_s"])
+            if paired:
+                s["vmap_vs_loop"] |= {
+                    "speedup": paired["median_speedup"], "measured": "paired rounds, median",
+                    "rounds": paired["rounds"],
+                    "speedup_range": [paired["min_speedup"], paired["max_speedup"]]}
+            else:
+                s["vmap_vs_loop"] |= {"speedup": s["vmap_vs_loop"]["unpaired_speedup"],
+                                      "measured": "separate cases"}
         duet = find("duet_adapt", model)
         if duet:
             ratios = {}

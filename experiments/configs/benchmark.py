@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.split_devices = 65_536  # encoder / decoder split and full vs low-rank, at B
     config.low_rank = 8  # k of the low-rank decoders (0 = skip that case)
     config.loop_devices = 10_000  # jit+vmap vs a Python loop of the jitted single device
+    # rounds of the paired comparison: loop and jit+vmap over the same loop_devices timed
+    # alternately, so that the machine's load changes hit both alike
+    config.paired_rounds = 7
 
     # DUET adaptation vs on-device fine-tuning (head mode, Adam, as duet_jax.finetune)
     config.finetune = ml_collections.ConfigDict()
@@ -74,6 +77,7 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.batch_sweep_devices = 4_096
     config.split_devices = 4_096
     config.loop_devices = 1_000
+    config.paired_rounds = 3
     config.finetune.steps = (5,)
     config.finetune.devices = 128
     config.finetune.loop_devices = 16

@@ -21,6 +21,7 @@ TINY = [
     "--config.batch_sweep_devices=32",
     "--config.split_devices=32",
     "--config.loop_devices=12",
+    "--config.paired_rounds=2",
     "--config.low_rank=2",
     "--config.repeats=2",
     "--config.min_repeats=1",
@@ -83,7 +84,15 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert [c["accelerators"] for c in scaling] == [1, 2]
     summary = result["summary"]["models"]
     s = summary["sasrec"]
-    assert _positive_finite(s["vmap_vs_loop"]["speedup"])
+    # the loop and jit+vmap over the same devices, timed alternately round by round
+    paired = next(c for c in cases if c["case"] == "loop")["paired_with_vmap"]
+    assert paired["rounds"] == 2 and len(paired["loop_s"]) == len(paired["vmap_s"]) == 2
+    assert paired["speedups"] == [lo / v for lo, v in zip(paired["loop_s"], paired["vmap_s"],
+                                                          strict=True)]
+    assert all(_positive_finite(v) for v in paired["speedups"])
+    assert paired["min_speedup"] <= paired["median_speedup"] <= paired["max_speedup"]
+    assert s["vmap_vs_loop"]["speedup"] == paired["median_speedup"]
+    assert _positive_finite(s["vmap_vs_loop"]["unpaired_speedup"])
     assert set(s["adaptation"]["finetune_over_duet"]) == {"finetune_vmap_head_k2",
                                                           "finetune_loop_head_k2"}
     assert set(s["split_ms_per_device"]) == {"encoder", "decoder", "full"}
