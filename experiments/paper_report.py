@@ -136,7 +136,8 @@ def write_tables(workdir: str, rows: list[dict], meta: dict) -> str:
     md = ["# Base vs on-device fine-tuning vs DUET\n",
           "Test metrics, mean ± std over seeds (n = seeds). `adapt ms/device`: wall time of "
           "a device's adaptation (fine-tuning steps, or DUET's head generation), vmapped "
-          "groups, after warm-up, on the machine in paper_table.json.\n",
+          "groups, after warm-up, on the cell's own machine (`cell_machines` in "
+          "paper_table.json).\n",
           markdown(summary, MAIN_METHODS)]
     ablation = [e for e in summary if e["method"] in ABLATION_METHODS[1:]]
     # the ablation table: only the (dataset, model) pairs that ran ablations, DUET beside them

@@ -131,6 +131,14 @@ def load_cell(path: str, identity: dict, methods: tuple[str, ...],
     return rows if complete or (partial and rows) else None
 
 
+def cell_machine(path: str) -> dict:
+    """Where a finished cell ran: its stored processor, core count, backend and code version
+    (the cell's own record; the report may be rebuilt elsewhere)."""
+    with open(os.path.join(path, "rows.json")) as f:
+        env = json.load(f).get("environment", {})
+    return {k: env.get(k) for k in ("processor", "cpu_count", "jax_backend", "code")}
+
+
 def main(argv):
     cli.start(argv)
     workdir = _WORKDIR.value
@@ -140,7 +148,7 @@ def main(argv):
         for d in _DATASETS.value for m in _MODELS.value for s in range(_SEEDS.value)
     ]
     configs = {c[:3]: cell_config(*c, _SET.value) for c in cells}  # fail early on bad input
-    rows, missing, data_cache = [], [], {}
+    rows, missing, data_cache, machines = [], [], {}, {}
     for dataset, model, seed, _ in cells:
         config = configs[(dataset, model, seed)]
         path = cell_dir(workdir, dataset, model, seed)
@@ -165,6 +173,7 @@ def main(argv):
             missing.append(f"{dataset} / {model} / seed {seed}")
             continue
         rows.extend({**r, "dataset": dataset} for r in done)
+        machines[f"{dataset} / {model} / seed {seed}"] = cell_machine(path)
     meta = {
         "command": "python -m experiments.paper_table " + " ".join(
             f"--{n}={','.join(v) if isinstance(v, list) else v}"
@@ -174,6 +183,9 @@ def main(argv):
         ) + "".join(f" --set={s}" for s in _SET.value),
         "cells": len(cells),
         "missing": missing,
+        # the cells' own machines (their metrics and adaptation times come from there), and
+        # the machine that wrote these tables
+        "cell_machines": machines,
         "environment": report.environment(),
     }
     print(paper_report.write_tables(workdir, rows, meta))

@@ -32,6 +32,12 @@ def test_paper_table_runs_cells_summarises_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "paper_table.json").read_text())
     assert out["missing"] == []
+    # where each cell ran, from the cell's own record (a report may be rebuilt elsewhere)
+    assert sorted(out["cell_machines"]) == ["synthetic / sasrec / seed 0",
+                                            "synthetic / sasrec / seed 1"]
+    for machine in out["cell_machines"].values():
+        assert machine["processor"] and machine["cpu_count"] >= 1
+        assert set(machine["code"]) == {"commit", "dirty", "dirty_paths"}
     rows = out["rows"]
     assert sorted((r["method"], r["seed"]) for r in rows) == [
         (m, s) for m in ("base", "duet", "finetune") for s in (0, 1)
