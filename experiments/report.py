@@ -12,6 +12,7 @@ from importlib import metadata
 
 from duet_jax import files
 from duet_jax.experiment import ROW_KEYS
+from experiments import cli
 
 COLUMNS = tuple(k for k in ROW_KEYS if k != "seed")  # the table; every row also has its seed
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -37,6 +38,7 @@ def environment() -> dict:
         "jax_devices": [str(d) for d in jax.devices()],
         "versions": versions,
         "code": code_version(),
+        "malloc_keep_freed": cli.malloc_setting(),
     }
 
 

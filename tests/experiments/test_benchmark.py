@@ -5,6 +5,7 @@ no timing is asserted."""
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -37,6 +38,7 @@ TINY = [
     "--config.scaling.fake_devices=(2,)",
     "--config.progress=False",
 ]
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 KINDS = {"generation", "encoder", "decoder", "low_rank", "loop", "duet_adapt",
          "finetune_vmap", "finetune_loop", "scaling"}
 
@@ -47,8 +49,9 @@ def _positive_finite(value):
 
 def test_quick_benchmark_writes_every_case(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    malloc = [f"--malloc_keep_freed={GLIBC}"]  # applied (and recorded) where it exists
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path}", *TINY],
+        [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path}", *TINY, *malloc],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "benchmark.json").read_text())
@@ -57,6 +60,7 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert result["config"]["num_devices"] == [40] and result["config"]["quick"]
     env_info = result["environment"]
     assert env_info["processor"] and env_info["versions"]["jax"] and env_info["versions"]["flax"]
+    assert env_info["malloc_keep_freed"] is GLIBC
     assert len(result["load_average"]["start"]) == 3 and len(result["load_average"]["end"]) == 3
     assert result["gpu"]["lent"] is False and "No GPU" in result["gpu"]["note"]
     for name in ("matmul", "bandwidth"):
