@@ -239,7 +239,7 @@ class Bench:
         their ratio, but hits both halves of a round alike."""
         duet, params = self.duet(model)
         batches = self.batches(n, self.config.batch_size)
-        compiled, _ = timing.compile_timed(duet.generate, params, batches[0])
+        compiled, _ = _compile(duet.generate, params, batches[0])
         vmap_pass = _pipelined(compiled, [(params, b) for b in batches])
         vmap_pass()  # warm-up (the loop's function is warm already)
         loop_s, vmap_s = [], []

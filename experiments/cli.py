@@ -22,11 +22,16 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD_BYTES = (1 << 31) - 1
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on Linux with glibc (what ``--malloc_keep_freed`` needs)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def malloc_keep_freed() -> None:
     """Apply ``--malloc_keep_freed``'s glibc settings to this process; raises ``OSError``
     where the C library is not glibc or refuses them."""
     name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not name:
+    if not is_glibc() or not name:
         raise OSError(f"--malloc_keep_freed needs glibc; this is {platform.system()} "
                       f"with {platform.libc_ver()[0] or 'an unknown C library'}")
     libc = ctypes.CDLL(name)

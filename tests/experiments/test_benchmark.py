@@ -5,9 +5,10 @@ no timing is asserted."""
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
+
+from experiments import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
@@ -38,7 +39,7 @@ TINY = [
     "--config.scaling.fake_devices=(2,)",
     "--config.progress=False",
 ]
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = cli.is_glibc()
 KINDS = {"generation", "encoder", "decoder", "low_rank", "loop", "duet_adapt",
          "finetune_vmap", "finetune_loop", "scaling"}
 

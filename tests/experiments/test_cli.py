@@ -10,10 +10,9 @@ import pytest
 from experiments import cli, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
+@pytest.mark.skipif(not cli.is_glibc(), reason="glibc only")
 def test_malloc_keep_freed_is_accepted_by_glibc():
     # in a subprocess: the settings last for the whole process
     code = "from experiments import cli; cli.malloc_keep_freed(); print('applied')"
