@@ -152,11 +152,12 @@ def main(argv):
     for dataset, model, seed, _ in cells:
         config = configs[(dataset, model, seed)]
         path = cell_dir(workdir, dataset, model, seed)
+        label = f"{dataset} / {model} / seed {seed}"  # how the report names the cell
         identity = cell_identity(config)
         methods = config_lib.methods(config)
         done = load_cell(path, identity, methods, partial=_REPORT_ONLY.value)
         if done is None and not _REPORT_ONLY.value:
-            print(f"cell {dataset} / {model} / seed {seed}", flush=True)
+            print(f"cell {label}", flush=True)
             key = (dataset, json.dumps(identity["data"], sort_keys=True))
             if key not in data_cache:
                 data_cache.clear()  # one dataset's samples in memory at a time
@@ -170,10 +171,10 @@ def main(argv):
                              "environment": report.environment()}),
             )
         if done is None:
-            missing.append(f"{dataset} / {model} / seed {seed}")
+            missing.append(label)
             continue
         rows.extend({**r, "dataset": dataset} for r in done)
-        machines[f"{dataset} / {model} / seed {seed}"] = cell_machine(path)
+        machines[label] = cell_machine(path)
     meta = {
         "command": "python -m experiments.paper_table " + " ".join(
             f"--{n}={','.join(v) if isinstance(v, list) else v}"
