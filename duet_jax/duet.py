@@ -5,6 +5,9 @@ each sample's ``trigger_seq`` (the device's sequence at its last sync), the gene
 that into one head per sample, and the device model applies it:
 ``logits = model.apply(backbone, heads, batch)``. Backbone and generator train jointly,
 as the authors' code does.
+
+Any device model works, built-in or registered with
+:func:`duet_jax.models.register_model`; the generator is built from the model's head template.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from duet_jax import generator as gen_lib
 from duet_jax.models import DeviceModel
@@ -23,10 +27,33 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Duet:
-    """A device model plus a :class:`ParameterGenerator` for its head."""
+    """A device model plus a :class:`ParameterGenerator` for its head.
+
+    Build it with :meth:`create`, or pass a generator made for the model's head template
+    (``ParameterGenerator.for_head(model.head_template(), ...)``); a generator for another
+    head structure is refused.
+
+    >>> from duet_jax.models import ModelConfig, get_model
+    >>> duet = Duet.create(get_model("gru4rec", ModelConfig(num_items=20, seq_len=4, embed_dim=8)))
+    >>> params = duet.init(jax.random.key(0))
+    >>> seq = jnp.array([[3, 5, 0, 0], [7, 0, 0, 0]])
+    >>> batch = {"click_seq": seq, "trigger_seq": seq, "target": jnp.array([1, 2])}
+    >>> duet.apply(params, batch).shape
+    (2,)
+    """
 
     model: DeviceModel
     generator: gen_lib.ParameterGenerator
+
+    def __post_init__(self):
+        expected = HeadSpec.from_template(self.model.head_template())
+        if self.generator.spec != expected:
+            raise ValueError(
+                f"the generator writes heads {self.generator.spec.paths} "
+                f"{self.generator.spec.shapes}, but model {self.model.name!r} has head "
+                f"{expected.paths} {expected.shapes}: build it with "
+                "ParameterGenerator.for_head(model.head_template(), ...)"
+            )
 
     @classmethod
     def create(
@@ -45,7 +72,7 @@ class Duet:
         :class:`duet_jax.generator.ParameterGenerator` documents."""
         d = model.config.embed_dim
         generator = gen_lib.ParameterGenerator(
-            spec=HeadSpec.from_template(model.head_template()),
+            spec=model.head_template(),
             hidden_dim=hidden_dim or d,
             z_dim=z_dim or d,
             decoders=decoders,
@@ -62,10 +89,17 @@ class Duet:
         return self.generator.spec
 
     def init(self, rng: Array) -> dict:
+        """-> ``{"backbone": ..., "generator": ...}``; the backbone as the model inits it."""
         k_model, k_gen = jax.random.split(rng)
         backbone = self.model.init(k_model)["backbone"]
-        cfg = self.model.config
-        gen_params = gen_lib.init_generator(self.generator, k_gen, cfg.seq_len, cfg.embed_dim)
+        seq_len = self.model.config.seq_len
+        # the generator reads embed_sequence's features: take their width from it, not from
+        # the config, so a registered model may embed into any size
+        seq = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+        features, _ = jax.eval_shape(self.model.embed_sequence, backbone, seq)
+        gen_params = gen_lib.init_generator(
+            self.generator, k_gen, seq_len, int(features.shape[-1])
+        )
         return {"backbone": backbone, "generator": gen_params}
 
     def generate(self, params: dict, seq: Array) -> Any:

@@ -20,6 +20,12 @@ sorted by evaluation-row count so a group's bucket fits its devices closely.
 
 ``params="head"`` fine-tunes the head only (the backbone's features of a device's rows are
 computed once, as a device would cache them); ``params="all"`` fine-tunes every parameter.
+
+A step count of 0 is Base itself, not a computation that should merely equal it: its logits
+are Base's predictions made exactly as Base's own evaluation makes them
+(:func:`base_predictions`: the same function over the same ``eval_batch_size`` batches), so
+"0 steps" reproduces Base's metrics bit for bit. (The vmapped path would score the same
+parameters with other batch shapes, hence another float32 summation order.)
 """
 
 from __future__ import annotations
@@ -42,10 +48,12 @@ from duet_jax.data.batching import bucket_size
 from duet_jax.data.samples import SampleSet, Splits
 from duet_jax.errors import ConfigError
 from duet_jax.models import DeviceModel
+from duet_jax.training import TrainConfig, predict
 
 Array = jax.Array
 PARAM_MODES = ("head", "all")
 ROW_FIELDS = ("click_seq", "target", "label")
+EVAL_BATCH_SIZE = TrainConfig.eval_batch_size  # Base's default evaluation batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,19 +274,41 @@ def finetune_params(model: DeviceModel, mode: str, trainable, fixed, tune_batch:
     return jax.vmap(one)(tune_batch)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _base_logits(model: DeviceModel, params: dict, batch: dict) -> Array:
+    """Base's logits of a batch: the computation of ``methods.base_method(model).logits``."""
+    return model.apply(params["backbone"], params["head"], batch)
+
+
+def base_predictions(model: DeviceModel, params: dict, samples: SampleSet,
+                     eval_batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+    """Base's logits ``[N]`` of ``samples``, in storage order, made as Base's evaluation makes
+    them (:func:`duet_jax.training.predict`, same batch size): what a device that takes 0
+    fine-tuning steps scores."""
+    return predict(functools.partial(_base_logits, model), params, samples, eval_batch_size)
+
+
 def run_stage(model: DeviceModel, params: dict, stage: Stage, config: FinetuneConfig,
-              learning_rate: float, schedule: tuple[int, ...], desc: str) -> np.ndarray:
-    """Logits ``[len(schedule), N_eval]`` of every evaluation row, in storage order."""
-    trainable, fixed = _split_params(params, config.params)
+              learning_rate: float, schedule: tuple[int, ...], desc: str,
+              eval_batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+    """Logits ``[len(schedule), N_eval]`` of every evaluation row, in storage order. A count
+    of 0 in ``schedule`` (sorted) is Base's own predictions (:func:`base_predictions`)."""
     out = np.zeros((len(schedule), len(stage.evaluation)), np.float32)
+    if schedule and schedule[0] == 0:
+        out[0] = base_predictions(model, params, stage.evaluation, eval_batch_size)
+    tuned = tuple(s for s in schedule if s > 0)
+    if not tuned:
+        return out
+    trainable, fixed = _split_params(params, config.params)
+    first = len(schedule) - len(tuned)
     groups = stage_groups(stage, config.group_size, config.num_samples)
     total = -(-len(stage.devices) // config.group_size)
     for _, count, tune, evaluate, index in tqdm(groups, total=total, desc=desc, unit="group",
                                                 disable=not config.progress, leave=False):
         logits = np.asarray(finetune_and_score(model, config.params, trainable, fixed, tune,
-                                               evaluate, jnp.float32(learning_rate), schedule))
+                                               evaluate, jnp.float32(learning_rate), tuned))
         valid = index[:count] >= 0
-        out[:, index[:count][valid]] = logits[:, :count][:, valid]
+        out[first:, index[:count][valid]] = logits[:, :count][:, valid]
     return out
 
 
@@ -301,14 +331,18 @@ def time_adaptation(model: DeviceModel, params: dict, stage: Stage, config: Fine
 
 
 def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
-                          config: FinetuneConfig) -> FinetuneResult:
-    """Select ``(learning_rate, steps)`` on validation, then report device-test."""
+                          config: FinetuneConfig,
+                          eval_batch_size: int = EVAL_BATCH_SIZE) -> FinetuneResult:
+    """Select ``(learning_rate, steps)`` on validation, then report device-test.
+
+    ``eval_batch_size``: Base's evaluation batch size (``TrainConfig.eval_batch_size``), so
+    that 0 steps scores exactly Base's predictions."""
     val_stage = make_stage([data.train], data.val, data.num_users, config.num_samples)
     schedule = tuple(sorted(config.steps))
     grid, best = [], None
     for lr in config.learning_rates:
         logits = run_stage(model, base_params, val_stage, config, lr, schedule,
-                           f"finetune val lr={lr:g}")
+                           f"finetune val lr={lr:g}", eval_batch_size)
         for steps, row in zip(schedule, logits, strict=True):
             val = metrics.evaluate(data.val.user, data.val.label, row)
             grid.append({"learning_rate": lr, "steps": steps, "val": val})
@@ -318,7 +352,8 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
     _, lr, steps, val = best
     test_stage = make_stage([data.train, data.val], data.test, data.num_users,
                             config.num_samples)
-    logits = run_stage(model, base_params, test_stage, config, lr, (steps,), "finetune test")
+    logits = run_stage(model, base_params, test_stage, config, lr, (steps,), "finetune test",
+                       eval_batch_size)
     test = metrics.evaluate(data.test.user, data.test.label, logits[0])
     seconds = time_adaptation(model, base_params, test_stage, config, lr, steps)
     return FinetuneResult(test=test, val=val, learning_rate=lr, steps=steps, grid=grid,

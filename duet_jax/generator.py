@@ -8,10 +8,15 @@ leaf: ``leaf = reshape(z @ w_leaf + b_leaf, leaf.shape)`` (row-major). For a den
 ``(w2, b2)``. The encoder is written for one device (``jax.vmap`` runs it across
 devices); the decoders take ``z`` for one device or a batch ``[N, Z]``.
 
-Options (DESIGN.md §1 quirk (a)):
-- ``decoders="trained"`` (default, the paper's intent) or ``"frozen"``: the authors' code never
-  registers the decoder tensors with the optimiser, so they keep their random init; frozen
-  decoders here get a zero gradient (``stop_gradient``), so the optimiser never moves them.
+The head can be any pytree: build a generator with :meth:`ParameterGenerator.for_head`
+from a template (arrays or ``jax.ShapeDtypeStruct`` leaves, e.g. a model's
+``head_template()``); :class:`duet_jax.paramspec.HeadSpec` is the parsed form.
+
+Options:
+- ``decoders="trained"`` (default, the paper's intent) or ``"frozen"``: the authors' code
+  never registers the decoder tensors with the optimiser, so they keep their random init
+  (a quirk of that code, kept as an ablation); frozen decoders here get a zero gradient
+  (``stop_gradient``), so the optimiser never moves them.
 - ``decoder_init="glorot"``: a matrix leaf ``[..., in, out]`` starts with Glorot variance
   when ``z`` has unit variance (decoder weight variance ``2 / ((in + out) Z)``), and
   vector/scalar leaves (biases) start at zero, like the static head. ``"fmod_normal"``:
@@ -43,7 +48,7 @@ import jax.numpy as jnp
 from duet_jax import stabiliser as stabiliser_lib
 from duet_jax.lowrank import LowRankKernel
 from duet_jax.models import layers
-from duet_jax.paramspec import HeadSpec
+from duet_jax.paramspec import HeadSpec, HeadTemplate
 
 Array = jax.Array
 
@@ -207,9 +212,19 @@ class ParameterGenerator(nn.Module):
     device) and ``decode`` (one device or a batch) are the two stages. For many devices use
     :func:`generate`, which runs the decoders batched (vmapping ``apply`` instead would give
     the same heads without the bias fold of :func:`affine`).
+
+    ``spec`` is a :class:`HeadSpec` or any head template pytree (converted on construction;
+    every leaf must be a floating-point array or ``jax.ShapeDtypeStruct``).
+
+    >>> template = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros((3,))}}
+    >>> gen = ParameterGenerator.for_head(template, hidden_dim=8, z_dim=8)
+    >>> params = init_generator(gen, jax.random.key(0), seq_len=5, feature_dim=4)
+    >>> heads = generate(gen, params, jnp.ones((2, 5, 4)), jnp.ones((2, 5), bool))
+    >>> heads["dense"]["kernel"].shape, heads["dense"]["bias"].shape
+    ((2, 4, 3), (2, 3))
     """
 
-    spec: HeadSpec
+    spec: HeadSpec | HeadTemplate
     hidden_dim: int = 32
     z_dim: int = 32
     decoders: str = "trained"
@@ -217,6 +232,25 @@ class ParameterGenerator(nn.Module):
     stabiliser: int = 0  # M candidates per decoder; 0 = off
     stabiliser_softmax: str = "candidates"  # "candidates" (paper) | "rows" (authors' code)
     low_rank: int = 0  # k; 0 = full-rank decoders
+
+    @classmethod
+    def for_head(cls, template: HeadTemplate, **options: Any) -> ParameterGenerator:
+        """A generator for heads shaped like ``template`` (a pytree of arrays or
+        ``jax.ShapeDtypeStruct``); ``options`` are the other fields (``hidden_dim``, ...)."""
+        return cls(spec=HeadSpec.from_template(template), **options)
+
+    def __post_init__(self):
+        # Before Flax's own post-init, which would freeze a dict template into a FrozenDict
+        # (and lists into tuples) on the copies it makes, changing the heads' structure.
+        spec = HeadSpec.of(self.spec)
+        for path, dtype in zip(spec.paths, spec.dtypes, strict=True):
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(
+                    f"head template leaf {path!r} has dtype {dtype}: the generator writes "
+                    "floating-point leaves only"
+                )
+        object.__setattr__(self, "spec", spec)
+        super().__post_init__()
 
     def setup(self):
         init_scheme = resolve_decoder_init(self.decoders, self.decoder_init)
@@ -253,7 +287,12 @@ class ParameterGenerator(nn.Module):
 
 
 def init_generator(generator: ParameterGenerator, rng: Array, seq_len: int, feature_dim: int):
-    """Initialise generator parameters for ``[seq_len, feature_dim]`` sequence features."""
+    """Initialise generator parameters for ``[seq_len, feature_dim]`` sequence features.
+
+    >>> gen = ParameterGenerator.for_head({"w": jnp.zeros((3, 2))}, hidden_dim=4, z_dim=4)
+    >>> sorted(init_generator(gen, jax.random.key(0), seq_len=5, feature_dim=6)["params"])
+    ['decoder_w', 'encoder']
+    """
     features = jnp.zeros((seq_len, feature_dim), jnp.float32)
     mask = jnp.ones((seq_len,), bool)
     return generator.init(rng, features, mask)
@@ -266,6 +305,11 @@ def generate(generator: ParameterGenerator, params, seq_features: Array, mask: A
     vmapped over devices, the decoders run batched on ``z [N, Z]``. Low-rank leaves come back
     with a per-device core ``[N, k, k]`` and the shared ``U``, ``V`` once (not copied per
     device).
+
+    >>> gen = ParameterGenerator.for_head({"w": jnp.zeros((3, 2))}, hidden_dim=4, z_dim=4)
+    >>> params = init_generator(gen, jax.random.key(0), seq_len=5, feature_dim=6)
+    >>> generate(gen, params, jnp.ones((7, 5, 6)), jnp.ones((7, 5), bool))["w"].shape
+    (7, 3, 2)
     """
     encode = lambda f, m: generator.apply(params, f, m, method=ParameterGenerator.encode)
     z = jax.vmap(encode)(seq_features, mask)

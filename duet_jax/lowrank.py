@@ -2,10 +2,12 @@
 
 A generator in low-rank mode writes only the core ``C [k, k]`` of a matrix leaf per device;
 ``U [in, k]`` and ``V [k, out]`` are shared by all devices (ordinary trained parameters).
-The kernel travels as a :class:`LowRankKernel` node in the head pytree and
-:func:`duet_jax.models.layers.dense` applies it as ``((x @ U) @ C) @ V``: the full
-``[in, out]`` weight is never formed. :func:`materialize` forms it when a caller needs the
-head in the template's exact structure (delivery to a device, comparisons).
+The kernel travels as a :class:`LowRankKernel` node in the head pytree. It applies itself
+(:meth:`LowRankKernel.matmul`, as ``((x @ U) @ C) @ V``, never forming the ``[in, out]``
+weight), which is all :func:`duet_jax.models.layers.dense` asks of a kernel that is not a
+plain array (:class:`duet_jax.models.layers.KernelOperator`): the layers need not know the
+kernel is low-rank. :func:`materialize` forms the full weight when a caller needs the head
+in the template's exact structure (delivery to a device, comparisons).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class LowRankKernel:
 
     ``u [in, k]`` and ``v [k, out]`` are shared; ``core`` is ``[k, k]`` (one kernel) or
     ``[B, k, k]`` (one per example/device). ``u``/``v`` may also carry that leading ``B``.
+
+    >>> k = LowRankKernel(u=jnp.ones((3, 1)), core=jnp.full((4, 1, 1), 2.0), v=jnp.ones((1, 2)))
+    >>> k.shape, k.matmul(jnp.ones((4, 3))).shape
+    ((4, 3, 2), (4, 2))
     """
 
     u: Array
@@ -41,11 +47,11 @@ class LowRankKernel:
     def ndim(self) -> int:
         return len(self.shape)
 
-    def apply(self, x: Array) -> Array:
+    def matmul(self, x: Array) -> Array:
         """``x @ kernel`` without forming the kernel.
 
         Shared core: ``x [..., in]`` -> ``[..., out]``. Per-example core ``[B, k, k]``:
-        ``x [B, ..., in]`` -> ``[B, ..., out]``.
+        ``x [B, ..., in]`` -> ``[B, ..., out]``, example ``b`` through its own kernel.
         """
         y = _batched_matmul(x, self.u)
         y = _batched_matmul(y, self.core)

@@ -7,7 +7,9 @@
   ``trigger_seq``. ``training="joint"`` trains both together, as the authors' code does;
   ``"two_stage"``, as the paper's figure draws it, starts from the trained Base backbone and
   trains the generator alone (L_ppg) with the backbone frozen.
-- ``duet_<variant>``: DUET with one ablation switched (:data:`DUET_VARIANTS`).
+- ``duet_<variant>``: DUET with one ablation switched.
+
+Every method is one :class:`MethodSpec` in :data:`REGISTRY` (:func:`register_method`).
 """
 
 from __future__ import annotations
@@ -21,24 +23,137 @@ import jax.numpy as jnp
 
 from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
+from duet_jax.generator import DECODER_INITS, DECODER_MODES, resolve_decoder_init
 from duet_jax.models import DeviceModel
+from duet_jax.stabiliser import SOFTMAX_OVER
 
 TRAINING_MODES = ("joint", "two_stage")
+KINDS = ("trained", "on_device")
 
-# Ablations of DUET: generator/training overrides. A value ``"ablation.X"`` is read from the
-# experiment config's ``config.ablation.X`` (the M and k under test).
-DUET_VARIANTS: dict[str, dict[str, Any]] = {
-    "duet": {},
-    "duet_frozen": {"decoders": "frozen", "decoder_init": "auto"},
-    "duet_stabiliser": {
-        "stabiliser": "ablation.stabiliser",
-        "stabiliser_softmax": "candidates",
-    },
-    "duet_stabiliser_rows": {"stabiliser": "ablation.stabiliser", "stabiliser_softmax": "rows"},
-    "duet_two_stage": {"training": "two_stage"},
-    "duet_low_rank": {"low_rank": "ablation.low_rank"},
-}
-METHODS = ("base", "finetune", *DUET_VARIANTS)
+
+@dataclasses.dataclass(frozen=True)
+class DuetOptions:
+    """How a DUET method builds its generator and trains: the one place these options'
+    defaults and rules live (experiment configs copy their defaults from here)."""
+
+    decoders: str = "trained"  # trained (paper) | frozen (authors' code)
+    # auto = glorot for trained decoders, fmod_normal (authors' code) for frozen ones
+    decoder_init: str = "auto"
+    hidden_dim: int = 32  # encoder GRU state (authors: D)
+    z_dim: int = 32  # z, the decoders' input (authors: D)
+    # stabiliser (SWA): M candidate decoders mixed by self-similarity; 0 = off; softmax over
+    # "candidates" (paper) or "rows" (authors' code)
+    stabiliser: int = 0
+    stabiliser_softmax: str = "candidates"
+    low_rank: int = 0  # k: generate a k x k core per matrix leaf; 0 = full rank
+    # joint (authors' code) | two_stage (paper's figure: Base first, then the generator alone)
+    training: str = "joint"
+
+    def __post_init__(self):
+        def fail(name, expected):
+            raise ConfigError(f"config.generator.{name}", getattr(self, name), expected)
+
+        if self.decoders not in DECODER_MODES:
+            fail("decoders", f"one of {list(DECODER_MODES)}")
+        if self.decoder_init not in DECODER_INITS:
+            fail("decoder_init", f"one of {list(DECODER_INITS)}")
+        try:
+            resolve_decoder_init(self.decoders, self.decoder_init)
+        except ValueError as err:
+            fail("decoder_init", str(err))
+        for name, low in (("hidden_dim", 1), ("z_dim", 1), ("stabiliser", 0), ("low_rank", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(name, f"an integer >= {low}")
+        if self.stabiliser_softmax not in SOFTMAX_OVER:
+            fail("stabiliser_softmax", f"one of {list(SOFTMAX_OVER)}")
+        if self.training not in TRAINING_MODES:
+            fail("training", f"one of {list(TRAINING_MODES)}")
+
+    def generator_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :meth:`duet_jax.duet.Duet.create` (all but ``training``)."""
+        out = dataclasses.asdict(self)
+        out.pop("training")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One entry of the method registry: everything that defines a compared method.
+
+    ``kind="trained"``: a :class:`Method` trained by :func:`duet_jax.training.train_and_evaluate`.
+    ``kind="on_device"``: adapts the trained Base on every device at test time
+    (:mod:`duet_jax.finetune`); it has no :class:`Method` of its own.
+    ``generator``: for DUET variants, the generator options this variant overrides; a value
+    ``"ablation.X"`` is read from the experiment config's ``config.ablation.X`` (the M or k
+    under test). ``None`` = the method has no generator.
+    """
+
+    name: str
+    description: str
+    kind: str = "trained"
+    generator: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind={self.kind!r}, expected one of {KINDS}")
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.generator is not None
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec, replace: bool = False) -> MethodSpec:
+    """Add a method to the registry (``replace=True`` to redefine an existing name)."""
+    if spec.name in REGISTRY and not replace:
+        raise ValueError(f"method {spec.name!r} is already registered (pass replace=True)")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    MethodSpec("base", "the cloud model: backbone + one static head for every device"),
+    MethodSpec("finetune", "Base, then Adam steps on each device's recent labelled rows",
+               kind="on_device"),
+    MethodSpec("duet", "backbone + generator; the head is written from trigger_seq", generator={}),
+    MethodSpec("duet_frozen", "DUET with frozen random decoders (the authors' code)",
+               generator={"decoders": "frozen", "decoder_init": "auto"}),
+    MethodSpec("duet_stabiliser", "DUET with M candidate decoders mixed over candidates",
+               generator={"stabiliser": "ablation.stabiliser",
+                          "stabiliser_softmax": "candidates"}),
+    MethodSpec("duet_stabiliser_rows", "DUET with the stabiliser's softmax over rows",
+               generator={"stabiliser": "ablation.stabiliser", "stabiliser_softmax": "rows"}),
+    MethodSpec("duet_two_stage", "Base first, then the generator alone (backbone frozen)",
+               generator={"training": "two_stage"}),
+    MethodSpec("duet_low_rank", "DUET generating a k x k core per matrix leaf",
+               generator={"low_rank": "ablation.low_rank"}),
+):
+    register_method(_spec)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registry entry of ``name``; an unknown name raises :class:`ConfigError`."""
+    if name not in REGISTRY:
+        raise ConfigError("config.methods", name, f"a comma-separated subset of {list(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order."""
+    return tuple(REGISTRY)
+
+
+def duet_variants() -> dict[str, dict[str, Any]]:
+    """``{name: generator overrides}`` of every registered method with a generator."""
+    return {n: dict(s.generator) for n, s in REGISTRY.items() if s.uses_generator}
+
+
+# Read-only views of the built-in registry, for callers that list names.
+DUET_VARIANTS: dict[str, dict[str, Any]] = duet_variants()
+METHODS = method_names()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +207,13 @@ def get_method(
     base_params: dict | None = None,
     **generator_options,
 ) -> Method:
-    """``base`` or a DUET variant (options already resolved); ``finetune`` has no Method."""
-    if name == "base":
+    """The trainable :class:`Method` of registered method ``name`` (generator options
+    already resolved, as :meth:`duet_jax.duet.Duet.create` takes them). The one place a
+    method is built; an ``on_device`` method (``finetune``) has no Method and is refused."""
+    spec = method_spec(name)
+    if spec.kind != "trained":
+        raise ValueError(f"method {name!r} adapts on each device and has no trained Method")
+    if not spec.uses_generator:
         return base_method(model)
-    if name in DUET_VARIANTS:
-        duet = Duet.create(model, **generator_options)
-        return duet_method(duet, name, training, base_params)
-    raise ConfigError("config.methods", name, f"a comma-separated subset of {list(METHODS)}")
+    duet = Duet.create(model, **generator_options)
+    return duet_method(duet, name, training, base_params)

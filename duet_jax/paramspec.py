@@ -1,7 +1,9 @@
 """The head template: which leaves a generated head has, their shapes and dtypes.
 
-A :class:`HeadSpec` is built from any pytree (arrays or ``jax.ShapeDtypeStruct`` leaves),
-so the generator serves any head structure without knowing the model behind it.
+A *head template* is any pytree (nested dicts, lists, tuples) whose leaves are arrays or
+``jax.ShapeDtypeStruct``; only the leaves' shapes and dtypes matter. A :class:`HeadSpec`
+is built from one (:meth:`HeadSpec.of` converts a template, and passes a spec through), so
+the generator serves any head structure without knowing the model behind it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+HeadTemplate = Any  # a pytree of arrays / jax.ShapeDtypeStruct leaves
 
 
 def _key_name(key) -> str:
@@ -26,7 +29,16 @@ def _key_name(key) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
-    """Structure, leaf paths, shapes and dtypes of a head pytree (leaf order = tree order)."""
+    """Structure, leaf paths, shapes and dtypes of a head pytree (leaf order = tree order).
+
+    Most users never build one: the generator takes a template and converts it. It also
+    flattens heads to ``[*batch, num_values]`` and back (delivery, fleet statistics).
+
+    >>> head = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+    >>> spec = HeadSpec.of(head)
+    >>> spec.paths, spec.flatten(head).shape
+    (('dense/bias', 'dense/kernel'), (15,))
+    """
 
     treedef: Any
     paths: tuple[str, ...]  # "dense1/kernel", ...
@@ -34,16 +46,38 @@ class HeadSpec:
     dtypes: tuple[np.dtype, ...]
 
     @classmethod
-    def from_template(cls, template: Any) -> HeadSpec:
+    def from_template(cls, template: HeadTemplate) -> HeadSpec:
+        """The spec of ``template``; raises ValueError naming any leaf without shape/dtype.
+
+        >>> spec = HeadSpec.from_template({"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
+        >>> spec.paths, spec.shapes, spec.num_values
+        (('b', 'w'), ((2,), (3, 2)), 8)
+        """
         with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
         if not with_paths:
-            raise ValueError("head template has no leaves")
+            raise ValueError(f"head template has no leaves: {template!r}")
+        paths = tuple("/".join(_key_name(k) for k in path) for path, _ in with_paths)
+        for path, (_, leaf) in zip(paths, with_paths, strict=True):
+            if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+                raise ValueError(
+                    f"head template leaf {path or '<root>'!r} is a {type(leaf).__name__} "
+                    f"({leaf!r}): expected an array or jax.ShapeDtypeStruct (a leaf with "
+                    ".shape and .dtype)"
+                )
         return cls(
             treedef=treedef,
-            paths=tuple("/".join(_key_name(k) for k in path) for path, _ in with_paths),
+            paths=paths,
             shapes=tuple(tuple(int(d) for d in leaf.shape) for _, leaf in with_paths),
             dtypes=tuple(np.dtype(leaf.dtype) for _, leaf in with_paths),
         )
+
+    @classmethod
+    def of(cls, spec_or_template: HeadSpec | HeadTemplate) -> HeadSpec:
+        """``spec_or_template`` if it is a :class:`HeadSpec`, else the spec of that template:
+        the one place a template given where a spec is expected gets converted."""
+        if isinstance(spec_or_template, HeadSpec):
+            return spec_or_template
+        return cls.from_template(spec_or_template)
 
     @property
     def sizes(self) -> tuple[int, ...]:

@@ -6,13 +6,20 @@ of ``(seed, e)`` (:func:`duet_jax.data.batching.epoch_order`), the model has no 
 the checkpoint holds parameters, optimiser state, the best parameters so far and the
 validation history. So a run killed at any point and started again with the same command
 replays the same batches from its last checkpoint and ends with the same parameters.
+
+The same makes a run extensible: rerun with a larger ``num_epochs`` (or another
+``patience``) in the same workdir and it goes on exactly as a run started with that budget
+would have, as long as the run has not already trained past where the new budget stops.
+
+Each epoch is also recorded in ``WORKDIR/metrics.jsonl`` and, with tensorboardX, in
+TensorBoard files (:mod:`duet_jax.epoch_log`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -26,14 +33,16 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from duet_jax import files, metrics
+from duet_jax import cache, files, metrics
 from duet_jax.checkpoint import Checkpointer
 from duet_jax.data.batching import batches, epoch_order, num_batches, padded_batch
 from duet_jax.data.samples import SampleSet, Splits
+from duet_jax.epoch_log import EpochLog
 from duet_jax.errors import ConfigError
 from duet_jax.methods import Method
 
 MODEL_INPUTS = ("click_seq", "trigger_seq", "target", "label", "weight")
+RUN_CONFIG_FORMAT = 2  # run_config.json layout; older files are refused, not guessed at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +76,18 @@ class TrainConfig:
             fail("select_metric", f"one of {list(metrics.METRIC_NAMES)}")
 
 
+# How each TrainConfig field bears on resuming a run in the same workdir (every field is in
+# exactly one group):
+# - identity: changes the trajectory of every step, so it must match the stored run;
+# - budget: only decides when training stops, so it may change as long as the run has not
+#   already trained past where the new value stops it;
+# - cosmetic: changes no parameter. eval_batch_size only regroups the rows of a prediction,
+#   and every model scores each row on its own, so metrics move by float rounding at most.
+IDENTITY_FIELDS = ("learning_rate", "batch_size", "select_metric")
+BUDGET_FIELDS = ("num_epochs", "patience")
+COSMETIC_FIELDS = ("eval_batch_size", "checkpoint_every_steps", "progress")
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimiser steps taken
@@ -79,6 +100,7 @@ class TrainResult:
     test: dict[str, float]  # test metrics of the kept (best-on-validation) parameters
     val: dict[str, float]  # validation metrics of the kept parameters
     best_epoch: int
+    # one entry per epoch, as in metrics.jsonl: epoch, step, train_loss, val, seconds, best
     history: list[dict]
     params: Any  # the kept parameters
     steps: int
@@ -132,23 +154,136 @@ def evaluate(
     return metrics.evaluate(samples.user, samples.label, logits)
 
 
-def _check_run_config(workdir: str, run_config: dict) -> None:
-    """Refuse to resume a run under a workdir that was started with another config."""
+# ---------------------------------------------------------------------------------------------
+# What must match on resume
+
+
+def workdir_identity(
+    method: str, seed: int, data_fingerprint: str, config: TrainConfig, run_config: dict | None
+) -> dict:
+    """What a workdir's run is, as stored in ``run_config.json``.
+
+    ``run_config`` holds the caller's fields that define the run, shaped like the experiment
+    config (nested dicts of JSON-able values): they are stored under ``config`` and named
+    ``config.<path>`` in errors. Its ``train`` entry is ignored: the identity fields of
+    ``config`` (:data:`IDENTITY_FIELDS`) take its place.
+    """
+    caller = {k: v for k, v in (run_config or {}).items() if k != "train"}
+    train = {k: getattr(config, k) for k in IDENTITY_FIELDS}
+    identity = {
+        "format": RUN_CONFIG_FORMAT,
+        "method": method,
+        "seed": seed,
+        "data": data_fingerprint,
+        "config": {**caller, "train": train},
+    }
+    return cache.canonical(identity)  # as stored: tuples -> lists, NaN -> null
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."  # digests: the start is enough
+
+
+def identity_diff(saved: dict, current: dict) -> list[str]:
+    """``["config.train.learning_rate: 0.001 -> 0.01", ...]``: each differing field, sorted
+    (a field on one side only shows None on the other)."""
+    return [
+        f"{path}: {_show(old)} -> {_show(new)}"
+        for path, old, new in cache.differences(saved, current)
+    ]
+
+
+def _check_run_config(workdir: str, identity: dict) -> None:
+    """Store ``identity`` in a fresh workdir; refuse a workdir whose run differs from it."""
     path = os.path.join(workdir, "run_config.json")
-    run_config = json.loads(files.dumps(run_config))  # compare as stored (tuples -> lists)
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        diff = sorted(k for k in set(saved) | set(run_config) if saved.get(k) != run_config.get(k))
-        if diff:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in diff)
-            raise ConfigError(
-                "--workdir",
-                workdir,
-                f"a fresh directory: it holds a run started with a different config ({details})",
-            )
+    saved = cache.read_json(path)
+    if saved is None:
+        files.write_text_atomic(path, files.dumps(identity, sort_keys=True))
         return
-    files.write_text_atomic(path, files.dumps(run_config, sort_keys=True))
+    if saved.get("format") != RUN_CONFIG_FORMAT:
+        raise ConfigError(
+            "--workdir",
+            workdir,
+            f"a fresh directory: its run_config.json is in an older layout (format "
+            f"{saved.get('format')!r}, now {RUN_CONFIG_FORMAT}) that cannot be compared",
+        )
+    diff = identity_diff(saved, identity)
+    if diff:
+        raise ConfigError(
+            "--workdir",
+            workdir,
+            "a fresh directory, or the config its run was started with; these fields differ"
+            f" (stored -> now): {'; '.join(diff)}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# When a run stops
+
+
+def _improves(score: float, best: float | None) -> bool:
+    return math.isfinite(score) and (best is None or score > best)
+
+
+def _score(entry: dict, select_metric: str) -> float:
+    value = entry["val"].get(select_metric)
+    return -math.inf if value is None else metrics.selection_score(select_metric, value)
+
+
+def _best_epochs(history: list[dict], select_metric: str) -> list[int]:
+    """For each epoch ``e`` of ``history``, the best epoch among ``1..e`` (0: none yet)."""
+    out, best, best_epoch = [], None, 0
+    for entry in history:
+        score = _score(entry, select_metric)
+        if _improves(score, best):
+            best, best_epoch = score, entry["epoch"]
+        out.append(best_epoch)
+    return out
+
+
+def _stop_epoch(best_epochs: list[int], config: TrainConfig) -> int | None:
+    """The epoch a run under ``config`` stops after, given its best epochs so far; None
+    while it goes on."""
+    for epoch, best in enumerate(best_epochs, 1):
+        if epoch >= config.num_epochs or (config.patience and epoch - best >= config.patience):
+            return epoch
+    return None
+
+
+def _check_budget(
+    workdir: str, history: list[dict], step: int, steps_per_epoch: int, config: TrainConfig
+) -> bool:
+    """Whether the run restored at ``step`` is complete under ``config``'s budget. Refuses one
+    that has trained past where a fresh run under ``config`` would have stopped: its kept
+    parameters may come from an epoch that run never reaches."""
+    best_epochs = _best_epochs(history, config.select_metric)
+    stop = _stop_epoch(best_epochs, config)
+    if stop is None:
+        return False
+    if step <= stop * steps_per_epoch:  # == : restored right at that epoch's end
+        return True
+    done, extra = divmod(step, steps_per_epoch)
+    trained = f"{done} epochs" + (f" and {extra} steps of epoch {done + 1}" if extra else "")
+    already = f"the run in {workdir!r} has already trained {trained}"
+    if stop >= config.num_epochs:
+        raise ConfigError(
+            "config.train.num_epochs",
+            config.num_epochs,
+            f"at least {-(-step // steps_per_epoch)} (or a fresh --workdir): {already}",
+        )
+    # the smallest patience that stops after none of the epochs already passed
+    needed = 1 + max(e - b for e, b in enumerate(best_epochs, 1) if e * steps_per_epoch < step)
+    raise ConfigError(
+        "config.train.patience",
+        config.patience,
+        f"0 or at least {needed} (or a fresh --workdir): with this patience the run would "
+        f"have stopped after epoch {stop}, but {already}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
 
 
 def train_and_evaluate(
@@ -164,19 +299,15 @@ def train_and_evaluate(
     """Train ``method`` on ``data.train``, select on ``data.val``, report ``data.test``.
 
     Checkpoints go to ``workdir/checkpoints``; an existing checkpoint is resumed. What
-    defines the run (seed, method, ``config`` except ``progress``, a fingerprint of the data,
-    and any extra JSON-able ``run_config``) is stored in ``workdir`` and must match on resume.
-    ``on_step(step)`` is called after every optimiser step (logging, tests); ``name`` labels
-    the progress bar (default: the method's name).
+    defines the run (:func:`workdir_identity`: seed, method, a fingerprint of the data,
+    ``config``'s :data:`IDENTITY_FIELDS` and the caller's ``run_config``) is stored in
+    ``workdir`` and must match on resume; ``config``'s :data:`BUDGET_FIELDS` may change
+    (see :func:`_check_budget`) and its :data:`COSMETIC_FIELDS` are free. ``on_step(step)`` is
+    called after every optimiser step (logging, tests); ``name`` labels the progress bar
+    (default: the method's name).
     """
-    train_fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
-    identity = {
-        "seed": seed,
-        "method": method.name,
-        "train": train_fields,
-        "data": data.fingerprint(),
-    }
-    _check_run_config(workdir, {**identity, **(run_config or {})})
+    identity = workdir_identity(method.name, seed, data.fingerprint(), config, run_config)
+    _check_run_config(workdir, identity)
     optimizer = optax.adam(config.learning_rate)
     # Copy so no two leaves share a buffer (the train step donates its input state).
     params = jax.tree.map(jnp.copy, method.init(jax.random.key(seed)))
@@ -188,49 +319,55 @@ def train_and_evaluate(
         "history": [],
         "best_epoch": -1,
         "best_score": None,  # selection score of best_epoch (higher is better)
-        "stopped": False,
         "epoch_loss_sum": 0.0,
         "epoch_loss_count": 0,
         "train_seconds": 0.0,
+        "epoch_start_seconds": 0.0,  # train_seconds when the current epoch began
     }
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    if ckpt.latest_step() is not None:
-        restored, meta = ckpt.restore({"train": state, "best_params": best_params})
-        state, best_params = restored["train"], restored["best_params"]
-
+    steps_per_epoch = num_batches(len(data.train), config.batch_size)
     train_step = make_train_step(method.logits, optimizer)
     logits_fn = jax.jit(method.logits)
-    steps_per_epoch = num_batches(len(data.train), config.batch_size)
-    total_steps = config.num_epochs * steps_per_epoch
-    step = int(state.step)
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc=name or method.name,
-        unit="step",
-        disable=not config.progress,
-        dynamic_ncols=True,
-        leave=True,
-    )
-    started = time.perf_counter()
-    seconds_before = meta["train_seconds"]
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(Checkpointer(os.path.join(workdir, "checkpoints")))
+        if ckpt.latest_step() is not None:
+            restored, saved = ckpt.restore({"train": state, "best_params": best_params})
+            state, best_params = restored["train"], restored["best_params"]
+            meta.update(saved)
+        step = int(state.step)
+        done = _check_budget(workdir, meta["history"], step, steps_per_epoch, config)
+        log = stack.enter_context(EpochLog(workdir, meta["history"]))
+        bar = stack.enter_context(
+            tqdm(
+                total=config.num_epochs * steps_per_epoch,
+                initial=step,
+                desc=name or method.name,
+                unit="step",
+                disable=not config.progress,
+                dynamic_ncols=True,
+                leave=True,
+            )
+        )
+        started = time.perf_counter()
+        seconds_before = meta["train_seconds"]
 
-    pending_losses = []  # device scalars, read in order at checkpoints and epoch ends
+        def seconds() -> float:
+            return seconds_before + time.perf_counter() - started
 
-    def flush_losses():
-        for value in jax.device_get(pending_losses):
-            meta["epoch_loss_sum"] += float(value)
-            meta["epoch_loss_count"] += 1
-        pending_losses.clear()
+        pending_losses = []  # device scalars, read in order at checkpoints and epoch ends
 
-    def save():
-        flush_losses()
-        meta["train_seconds"] = seconds_before + time.perf_counter() - started
-        ckpt.save(step, {"train": state, "best_params": best_params}, meta)
+        def flush_losses():
+            for value in jax.device_get(pending_losses):
+                meta["epoch_loss_sum"] += float(value)
+                meta["epoch_loss_count"] += 1
+            pending_losses.clear()
 
-    try:
-        while step < total_steps and not meta["stopped"]:
+        def save():
+            flush_losses()
+            meta["train_seconds"] = seconds()
+            ckpt.save(step, {"train": state, "best_params": best_params}, meta)
+
+        while not done:
             epoch, first = divmod(step, steps_per_epoch)
             order = epoch_order(len(data.train), seed, epoch)
             for b in range(first, steps_per_epoch):
@@ -251,29 +388,30 @@ def train_and_evaluate(
             where = f"{name or method.name} validation after epoch {epoch + 1} (step {step})"
             val = evaluate(logits_fn, state.params, data.val, config.eval_batch_size, where)
             score = metrics.selection_score(config.select_metric, val[config.select_metric])
-            meta["history"].append(
-                {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "train_loss": meta["epoch_loss_sum"] / max(meta["epoch_loss_count"], 1),
-                    "val": val,
-                }
-            )
-            meta["epoch_loss_sum"], meta["epoch_loss_count"] = 0.0, 0
-            best = meta["best_score"]
-            if math.isfinite(score) and (best is None or score > best):
+            best = _improves(score, meta["best_score"])
+            if best:
                 meta["best_score"], meta["best_epoch"] = score, epoch + 1
                 best_params = jax.tree.map(jnp.copy, state.params)
-            if config.patience and epoch + 1 - meta["best_epoch"] >= config.patience:
-                meta["stopped"] = True
+            now = seconds()
+            entry = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": meta["epoch_loss_sum"] / max(meta["epoch_loss_count"], 1),
+                "val": val,
+                "seconds": now - meta["epoch_start_seconds"],  # training and validation
+                "best": best,  # best validation score so far
+            }
+            meta["history"].append(entry)
+            meta["epoch_loss_sum"], meta["epoch_loss_count"] = 0.0, 0
+            meta["epoch_start_seconds"] = now
+            best_epochs = _best_epochs(meta["history"], config.select_metric)
+            done = _stop_epoch(best_epochs, config) is not None
             bar.set_postfix(
                 epoch=epoch + 1,
                 **{f"val_{config.select_metric}": f"{val[config.select_metric]:.4f}"},
             )
             save()
-    finally:
-        bar.close()
-        ckpt.close()
+            log.append(entry)  # after the save: a logged epoch is one a resume keeps
 
     if meta["best_epoch"] < 1:
         raise RuntimeError(

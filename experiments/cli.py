@@ -1,12 +1,24 @@
-"""What every command-line entry point does first."""
+"""What every command-line entry point does: shipped config names, errors without
+tracebacks, and the first steps of ``main``.
+
+Each entry point ends with ``if __name__ == "__main__": run()`` where ``run`` is
+``cli.entry_point(main)``, the function the console scripts (``duet-train``, ...) call.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
+import sys
+from collections.abc import Callable
 
 from absl import app, flags, logging
+
+from duet_jax.errors import ConfigError, DataError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 _MALLOC_KEEP_FREED = flags.DEFINE_bool(
     "malloc_keep_freed", False,
@@ -59,3 +71,44 @@ def malloc_setting() -> bool | None:
     if not flags.FLAGS.is_parsed():
         return None
     return _MALLOC_KEEP_FREED.value
+
+
+def shipped_configs() -> list[str]:
+    """Names of the config files shipped with the package (``experiments/configs``)."""
+    return sorted(
+        name[:-3] for name in os.listdir(CONFIG_DIR)
+        if name.endswith(".py") and name not in ("__init__.py", "common.py")
+    )
+
+
+def resolve_config_arg(arg: str) -> str:
+    """``--config=NAME[:variant]`` -> the shipped file's path when ``NAME`` is not a file
+    but is the name of a shipped config (``movielens_100k:quick``); other args unchanged, so
+    ``--config=path/to/file.py`` works as ml_collections documents it."""
+    for prefix in ("--config=", "-config="):
+        if arg.startswith(prefix):
+            path, sep, variant = arg[len(prefix):].partition(":")
+            name = path[:-3] if path.endswith(".py") else path
+            if not os.path.exists(path) and os.sep not in path and name in shipped_configs():
+                return f"{prefix}{os.path.join(CONFIG_DIR, name + '.py')}{sep}{variant}"
+    return arg
+
+
+def entry_point(main: Callable[[list[str]], None]) -> Callable[[], None]:
+    """A console-script function running ``main`` under absl: shipped config names are
+    resolved, and a user error (:class:`ConfigError`, :class:`DataError`) prints one line,
+    ``error: config.train.learning_rate=-1.0 is invalid: ...``, and exits with status 2
+    instead of a traceback."""
+
+    def guarded(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except (ConfigError, DataError) as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    def run() -> None:
+        sys.argv = [resolve_config_arg(a) for a in sys.argv]
+        app.run(guarded)
+
+    return run

@@ -6,7 +6,7 @@
 2. Cuts each device's device-test stream into ``T`` rounds; in every round each online
    device may request a head (per policy), the cloud generates all of the round's requests
    in batched jitted calls, and the device scores its new interactions with the head it
-   holds, once per delivery format (duet_jax/fleet.py).
+   holds, once per delivery format (:mod:`duet_jax.fleet`).
 3. Compares upload variants (raw ids vs z) on the devices' first sync.
 4. Writes ``fleet.json`` (config, machine, per-round records, totals), ``fleet.md`` and two
    plots (``fleet_auc_rounds.png``, ``fleet_bytes_auc.png``) to ``WORKDIR``.
@@ -21,17 +21,17 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from duet_jax import config as config_lib
-from duet_jax import experiment, finetune
+from duet_jax import finetune
 from duet_jax.cloud import UPLOADS, Cloud
 from duet_jax.data.samples import Splits
 from duet_jax.duet import Duet
 from duet_jax.fleet import FleetConfig, Simulator, Streams, build_streams, totals
 from duet_jax.models import DeviceModel, get_model
-from experiments import cli, fleet_report
+from experiments import cli, experiment, fleet_report
+from experiments import config as config_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fleet.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -187,5 +187,7 @@ def main(argv):
     print(f"fleet results written to {os.path.abspath(_WORKDIR.value)}/fleet.{{json,md}}")
 
 
+run = cli.entry_point(main)  # the console script
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from duet_jax import config as config_lib
-from duet_jax import experiment
-from experiments import cli, report
+from experiments import cli, experiment, report
+from experiments import config as config_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "synthetic.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,5 +49,7 @@ def main(argv):
     print(f"results written to {os.path.abspath(workdir)}/results.{{json,csv,md}}")
 
 
+run = cli.entry_point(main)  # the console script
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

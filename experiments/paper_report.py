@@ -1,7 +1,7 @@
 """The paper table from finished cells: mean ± std over seeds, the ablation, a plot.
 
 A *cell* is one (dataset, model, seed) run; its ``rows.json`` holds one row per method
-(:func:`duet_jax.experiment.run`). Rows are grouped by (dataset, model, method) and every
+(:func:`experiments.experiment.run`). Rows are grouped by (dataset, model, method) and every
 metric is summarised as mean and sample standard deviation (ddof = 1) over the seeds
 present; ``n`` says how many seeds that is.
 """

@@ -25,9 +25,9 @@ import time
 
 from absl import app, flags
 
-from duet_jax import config as config_lib
-from duet_jax import experiment, files
-from experiments import cli, paper_report, report
+from duet_jax import cache
+from experiments import cli, experiment, paper_report, report
+from experiments import config as config_lib
 
 _DATASETS = flags.DEFINE_list(
     "datasets",
@@ -107,7 +107,7 @@ def cell_dir(workdir: str, dataset_spec: str, model: str, seed: int) -> str:
 def cell_identity(config) -> dict:
     """What a cell's results depend on: the config less the method list (checked row by row),
     progress bars and file locations."""
-    identity = json.loads(files.dumps(config.to_dict()))
+    identity = cache.canonical(config.to_dict())
     identity.pop("methods", None)
     identity["train"].pop("progress", None)
     for name in config_lib.REAL_SOURCE_FIELDS:
@@ -119,14 +119,10 @@ def load_cell(path: str, identity: dict, methods: tuple[str, ...],
               partial: bool = False) -> list[dict] | None:
     """The rows of a finished cell: None if absent, written under another config, or
     missing one of ``methods`` (unless ``partial``: then whatever rows it has)."""
-    rows_path = os.path.join(path, "rows.json")
-    if not os.path.exists(rows_path):
+    stored = cache.load_record(os.path.join(path, "rows.json"), identity, key="rows")
+    if stored is None:
         return None
-    with open(rows_path) as f:
-        stored = json.load(f)
-    if stored.get("identity") != identity:
-        return None
-    rows = [r for r in stored["rows"] if r["method"] in methods]
+    rows = [r for r in stored if r["method"] in methods]
     complete = {r["method"] for r in rows} == set(methods)
     return rows if complete or (partial and rows) else None
 
@@ -164,11 +160,11 @@ def main(argv):
                 data_cache[key] = experiment.load_data(config, workdir)
             started = time.perf_counter()
             done = experiment.run(config, path, data=data_cache[key])
-            files.write_text_atomic(
-                os.path.join(path, "rows.json"),
-                files.dumps({"identity": identity, "config": config.to_dict(), "rows": done,
-                             "wall_seconds": round(time.perf_counter() - started, 1),
-                             "environment": report.environment()}),
+            cache.save_record(
+                os.path.join(path, "rows.json"), identity, done, key="rows",
+                config=config.to_dict(),
+                wall_seconds=round(time.perf_counter() - started, 1),
+                environment=report.environment(),
             )
         if done is None:
             missing.append(label)
@@ -193,5 +189,7 @@ def main(argv):
     print(f"written to {os.path.abspath(workdir)}/paper_table.{{md,json,csv}}, paper_auc.png")
 
 
+run = cli.entry_point(main)  # the console script
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

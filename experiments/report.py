@@ -11,8 +11,8 @@ import subprocess
 from importlib import metadata
 
 from duet_jax import files
-from duet_jax.experiment import ROW_KEYS
 from experiments import cli
+from experiments.experiment import ROW_KEYS
 
 COLUMNS = tuple(k for k in ROW_KEYS if k != "seed")  # the table; every row also has its seed
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")

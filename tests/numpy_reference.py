@@ -1,6 +1,7 @@
 """Hand-written float64 numpy references of the device models and the generator.
 
-Written from DESIGN.md §1 with plain loops where that is clearer, independently of the JAX
+Written from the method as docs/design.md describes it, with plain loops where that is
+clearer, independently of the JAX
 code (e.g. SASRec here runs the full transformer over every position and then takes the
 last valid one; the JAX model evaluates only that position).
 """

@@ -7,7 +7,6 @@ interrupted write never leaves a cache a later run would trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from duet_jax.cache import canonical, json_digest
 from duet_jax.data.samples import SPLITS, SampleSet, Splits
 from duet_jax.files import atomic_file
 
@@ -22,8 +22,8 @@ FORMAT = 1  # bump when the cached layout changes
 
 
 def cache_path(cache_dir: str, key: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps({"format": FORMAT, **key}, sort_keys=True).encode())
-    return os.path.join(cache_dir, f"{key.get('dataset', 'data')}-{digest.hexdigest()[:16]}.npz")
+    digest = json_digest({"format": FORMAT, **key})
+    return os.path.join(cache_dir, f"{key.get('dataset', 'data')}-{digest[:16]}.npz")
 
 
 def save(path: str, splits: Splits, key: dict[str, Any]) -> None:
@@ -34,7 +34,7 @@ def save(path: str, splits: Splits, key: dict[str, Any]) -> None:
     }
     meta = {
         "format": FORMAT,
-        "key": key,
+        "key": canonical(key),
         "num_users": splits.num_users,
         "num_items": splits.num_items,
         "info": splits.info,
@@ -49,7 +49,7 @@ def load(path: str, key: dict[str, Any]) -> Splits | None:
         return None
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        if meta.get("format") != FORMAT or meta.get("key") != json.loads(json.dumps(key)):
+        if meta.get("format") != FORMAT or meta.get("key") != canonical(key):
             return None
         parts = {
             name: SampleSet(**{f: z[f"{name}.{f}"] for f in SampleSet.FIELDS}) for name in SPLITS

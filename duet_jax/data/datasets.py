@@ -4,9 +4,11 @@
 
 ``data_dir`` may be the root that holds every dataset's directory (``DUET_DATA_DIR``, e.g.
 ``.../data`` with ``movielens-100k/`` inside) or the dataset's own directory. The TFDS
-build goes to ``tfds_dir`` (TFDS's default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``,
-when None) and is reused by later calls; TFDS writes it under a temporary name and renames
-it when complete, so a failed build leaves nothing a later call would pick up.
+build goes to ``tfds_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (read at
+call time: TFDS itself reads the variable once, when it is imported), and is built once:
+a later call with the same directory finds it prepared and reads it without looking at the
+raw files. TFDS writes a build under a temporary name and renames it when complete, so a
+failed build leaves nothing a later call would pick up.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from duet_jax.data.tfds_builders import BUILDERS, InteractionSequences
 from duet_jax.errors import DataError
 
 DATA_DIR_ENV = "DUET_DATA_DIR"
+TFDS_DIR_ENV = "TFDS_DATA_DIR"
 
 
 def builder_class(name: str) -> type[InteractionSequences]:
@@ -52,15 +55,29 @@ def raw_dir(name: str, data_dir: str | None = None) -> str | None:
     return candidate
 
 
+def tfds_data_dir(tfds_dir: str | None = None) -> str:
+    """Where TFDS builds go: ``tfds_dir``, else ``$TFDS_DATA_DIR``, else TFDS's default."""
+    return (
+        tfds_dir
+        or os.environ.get(TFDS_DIR_ENV)
+        or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    )
+
+
 def builder(name: str, tfds_dir: str | None = None):
-    """The dataset's TFDS builder (array_record), not yet prepared."""
-    return builder_class(name)(data_dir=tfds_dir, file_format="array_record")
+    """The dataset's TFDS builder (array_record) in :func:`tfds_data_dir`."""
+    return builder_class(name)(data_dir=tfds_data_dir(tfds_dir))
 
 
 def prepare(name: str, data_dir: str | None = None, tfds_dir: str | None = None):
-    """Build the dataset with TFDS if it is not built yet; returns the prepared builder."""
-    source = raw_dir(name, data_dir)
+    """Build the dataset with TFDS unless it is built already; returns the prepared builder.
+
+    A prepared build is reused as it is: its raw files need not be present any more.
+    """
     b = builder(name, tfds_dir)
+    if b.is_prepared():
+        return b
+    source = raw_dir(name, data_dir)
     config = tfds.download.DownloadConfig(manual_dir=source) if source else None
     b.download_and_prepare(download_config=config)
     return b

@@ -1,4 +1,5 @@
-"""DESIGN.md §2 for real data: user records -> filtered, remapped, split sequences -> samples.
+"""Real data: user records -> filtered, remapped, split sequences -> samples
+(docs/datasets.md, "Protocol").
 
 Every choice is a :class:`ProtocolConfig` field, applied in this order:
 

@@ -1,4 +1,5 @@
-"""Labelled samples from chronological item sequences (DESIGN.md §2).
+"""Labelled samples from chronological item sequences
+(docs/datasets.md, "Periods and samples").
 
 Each user's sequence is cut at two boundaries into cloud-train (oldest), cloud-validation
 and device-test (newest). Every position ``t`` (with at least ``min_history`` earlier items)

@@ -1,7 +1,15 @@
 """TFDS builders for the real datasets: raw files -> array_record, one record per user.
 
-Every builder writes ``file_format="array_record"`` and is read back with
-``builder.as_data_source()``, so TensorFlow is never imported. A record holds one user's
+Importing this module registers the builders with TFDS, so they work the way any TFDS
+dataset does, without TensorFlow::
+
+    builder = tfds.builder("duet_movielens_100k", data_dir=tfds_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=".../movielens-100k"))
+    train = tfds.data_source("duet_movielens_100k", data_dir=tfds_dir, split="train")
+
+Their file format defaults to array_record (TFDS's own default, tfrecord, needs TensorFlow
+to write and cannot be read as a random-access data source). A record holds one user's
 interactions in the dataset's own ids, oldest first::
 
     {"user": str, "items": int64[n], "timestamps": int64[n], "ratings": int8[n]}
@@ -53,6 +61,13 @@ class InteractionSequences(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     TERMS = ""
     DOWNLOAD_URL: str | None = None
     DESCRIPTION = ""
+
+    def __init__(self, *, file_format: str | tfds.core.FileFormat | None = None, **kwargs) -> None:
+        super().__init__(file_format=file_format, **kwargs)
+        # A build already on disk keeps the format it was written in (TFDS restored it from
+        # its dataset_info.json); a new build is array_record unless the caller asks otherwise.
+        if file_format is None and not self.is_prepared():
+            self.info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD, override=True)
 
     @classmethod
     def manual_instructions(cls) -> str:

@@ -12,7 +12,13 @@ class ModelConfig:
     """What ``init(rng, config)`` needs to build a device model.
 
     Defaults are the authors' (embedding size 32, sequence length 30, 4 attention heads,
-    FFN 4D, DIN head 2D -> 128 -> 64 -> 1).
+    FFN 4D, DIN head 2D -> 128 -> 64 -> 1). A bad size raises :class:`ConfigError`.
+
+    >>> ModelConfig(num_items=1000, embed_dim=16).num_heads
+    4
+    >>> ModelConfig(num_items=1000, embed_dim=10)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    duet_jax.errors.ConfigError: ModelConfig.num_heads=4 is invalid: expected a divisor of ...
     """
 
     num_items: int  # item ids are 1..num_items; 0 is padding

@@ -8,19 +8,32 @@ Conventions shared by every device model (they follow the authors' PyTorch code)
 ``dense`` also accepts *per-example* parameters: a kernel ``[B, in, out]`` and bias
 ``[B, out]`` apply example ``b``'s own weights to ``x[b]``. That is how a generated head
 (one head per sample, leading batch axis) runs through the same model code as a static head.
+A kernel need not be an array: any :class:`KernelOperator` (an object that applies itself,
+e.g. a factored kernel written by the generator) works wherever a kernel does.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
-from duet_jax.lowrank import LowRankKernel
-
 Array = jax.Array
 Params = dict
+
+
+@runtime_checkable
+class KernelOperator(Protocol):
+    """A dense kernel held in some form other than one array, which applies itself.
+
+    ``matmul(x)`` is ``x @ kernel`` with :func:`dense`'s conventions: a shared kernel maps
+    ``x [..., in]`` -> ``[..., out]``; a per-example one (leading ``B``) maps
+    ``x [B, ..., in]`` -> ``[B, ..., out]``. (:class:`duet_jax.lowrank.LowRankKernel` is one.)
+    """
+
+    def matmul(self, x: Array) -> Array: ...
 
 
 def xavier_uniform(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
@@ -41,26 +54,35 @@ def dense_init(rng: Array, in_dim: int, out_dim: int) -> Params:
     }
 
 
+def matmul(x: Array, kernel) -> Array:
+    """``x @ kernel``: kernel ``[in, out]`` (shared, ``x [..., in]``), ``[B, in, out]`` (per
+    example, ``x [B, ..., in]``) or a :class:`KernelOperator`, which applies itself."""
+    if isinstance(kernel, KernelOperator):
+        return kernel.matmul(x)
+    if kernel.ndim == 2:
+        return x @ kernel
+    if kernel.ndim == 3:
+        return jnp.einsum("b...i,bio->b...o", x, kernel)
+    raise ValueError(f"dense kernel must be [in, out] or [batch, in, out], got {kernel.shape}")
+
+
 def dense(params: Params, x: Array) -> Array:
     """``x @ kernel + bias``.
 
     Shared weights: kernel ``[in, out]``, bias ``[out]``, x ``[..., in]``.
     Per-example weights: kernel ``[B, in, out]``, bias ``[B, out]``, x ``[B, ..., in]``.
-    A generated low-rank kernel (:class:`duet_jax.lowrank.LowRankKernel`, shared or
-    per-example core) is applied factor by factor, never formed.
+    The kernel may also be a :class:`KernelOperator` (shared or per example, as its bias).
+
+    >>> params = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros((2,))}
+    >>> dense(params, jnp.ones((4, 3))).shape
+    (4, 2)
     """
-    kernel, bias = params["kernel"], params["bias"]
-    if isinstance(kernel, LowRankKernel):
-        y = kernel.apply(x)
-        if bias.ndim == 1:
-            return y + bias
-        return y + bias.reshape(bias.shape[0], *([1] * (x.ndim - 2)), bias.shape[-1])
-    if kernel.ndim == 2:
-        return x @ kernel + bias
-    if kernel.ndim == 3:
-        y = jnp.einsum("b...i,bio->b...o", x, kernel)
-        return y + bias.reshape(bias.shape[0], *([1] * (x.ndim - 2)), bias.shape[-1])
-    raise ValueError(f"dense kernel must be [in, out] or [batch, in, out], got {kernel.shape}")
+    y = matmul(x, params["kernel"])
+    bias = params["bias"]
+    if bias.ndim == 1:
+        return y + bias
+    # per example: bias [B, out] broadcast over x's middle axes
+    return y + bias.reshape(bias.shape[0], *([1] * (y.ndim - 2)), bias.shape[-1])
 
 
 def mlp_init(rng: Array, dims: tuple[int, ...]) -> Params:

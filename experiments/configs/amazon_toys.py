@@ -3,7 +3,7 @@
     python -m experiments.main --config=experiments/configs/amazon_toys.py
     python -m experiments.main --config=experiments/configs/amazon_toys.py:quick  # fewer epochs
 
-Raw files from $DUET_DATA_DIR or `--config.data.data_dir`; see README, "Real datasets".
+Raw files from $DUET_DATA_DIR or `--config.data.data_dir`; see docs/datasets.md.
 """
 
 import ml_collections

@@ -1,12 +1,31 @@
 """Throughput benchmark (``python -m experiments.benchmark``): what is measured, how big, how
 often. ``--config.quick=True`` shrinks every case to finish in under 2 minutes on 2 CPU
 cores (same cases, small sizes, few repeats); the full run took 12 minutes there (load ~5).
+
+Sizes that another part of the project owns are read from there, not written again: the
+device model's (``duet_jax.models.ModelConfig``: the authors' D and sequence length),
+fine-tuning's (``duet_jax.finetune.FinetuneConfig``), the low-rank k of the main job's
+``duet_low_rank`` ablation, and the peak probes' sizes (``duet_jax.timing``).
 """
+
+import inspect
 
 import ml_collections
 
+from duet_jax import timing
+from duet_jax.finetune import FinetuneConfig
+from duet_jax.models import ModelConfig
+from experiments.configs.common import base_config
+
+
+def _default(fn, name: str):
+    """The default of ``fn``'s parameter ``name``."""
+    return inspect.signature(fn).parameters[name].default
+
 
 def get_config() -> ml_collections.ConfigDict:
+    model = ModelConfig(num_items=1)
+    finetune = FinetuneConfig()
     config = ml_collections.ConfigDict()
     config.quick = False  # the small variant: every case, small sizes, few repeats
     config.seed = 0
@@ -15,10 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     # decoder), low_rank, loop (Python loop; also runs generation at loop_devices),
     # adaptation (DUET vs fine-tuning), scaling
     config.cases = "generation,stages,low_rank,loop,adaptation,scaling"
-    # device model sizes (the authors': D = 32, sequences of 30); a random item vocabulary
+    # device model sizes: a random item vocabulary; D and L as the main job's models
     config.num_items = 10_000
-    config.seq_len = 30
-    config.embed_dim = 32
+    config.seq_len = model.seq_len
+    config.embed_dim = model.embed_dim
 
     config.repeats = 5  # timed passes per case after the warm-up pass
     config.min_repeats = 3  # a slow case (pass > case_budget_s / repeats) still gets these
@@ -30,30 +49,31 @@ def get_config() -> ml_collections.ConfigDict:
     # B of the N sweep, the split and the comparisons: 256 was the fastest in the batch
     # sweep on 2 CPU cores (larger batches spill the heads out of cache; DIN's head is 66 KB)
     config.batch_size = 256
-    # the batch sweep (1024 and 4096 are the PyTorch reference's sizes, DESIGN.md §5), at
+    # the batch sweep (1024 and 4096 are the batch sizes of the authors' PyTorch code), at
     # batch_sweep_devices = 2^16 so that no batch size pads
     config.batch_sizes = (64, 256, 1024, 4096)
     config.batch_sweep_devices = 65_536
     config.split_devices = 65_536  # encoder / decoder split and full vs low-rank, at B
-    config.low_rank = 8  # k of the low-rank decoders (0 = skip that case)
+    # k of the low-rank decoders, as the duet_low_rank ablation (0 = skip that case)
+    config.low_rank = base_config().ablation.low_rank
     config.loop_devices = 10_000  # jit+vmap vs a Python loop of the jitted single device
     # rounds of the paired comparison: loop and jit+vmap over the same loop_devices timed
     # alternately, so that the machine's load changes hit both alike
     config.paired_rounds = 7
 
-    # DUET adaptation vs on-device fine-tuning (head mode, Adam, as duet_jax.finetune)
+    # DUET adaptation vs on-device fine-tuning (Adam, as duet_jax.finetune; its defaults)
     config.finetune = ml_collections.ConfigDict()
     config.finetune.steps = (5, 20, 50)  # k
-    config.finetune.params = "head"  # head (backbone features computed once) | all
-    config.finetune.learning_rate = 1e-3
-    config.finetune.num_samples = 64  # labelled rows a device fine-tunes on
-    config.finetune.group_size = 64  # devices per vmapped group
+    config.finetune.params = finetune.params  # head (backbone features computed once) | all
+    config.finetune.learning_rate = finetune.learning_rates[0]
+    config.finetune.num_samples = finetune.num_samples  # labelled rows a device tunes on
+    config.finetune.group_size = finetune.group_size  # devices per vmapped group
     config.finetune.devices = 1024  # devices fine-tuned in vmapped groups
     config.finetune.loop_devices = 128  # devices fine-tuned one at a time (authors' code)
 
     # XLA cost analysis and the machine's peaks
-    config.peak_matmul_size = 2048
-    config.peak_bandwidth_mb = 256
+    config.peak_matmul_size = _default(timing.peak_matmul, "size")
+    config.peak_bandwidth_mb = _default(timing.peak_bandwidth, "megabytes")
 
     # scaling over accelerators: the real ones (1..n, in-process), and fake CPU devices
     # (subprocesses with --xla_force_host_platform_device_count; on 2 cores they share the

@@ -7,36 +7,30 @@ Training (Base and DUET, in ``WORKDIR/train``) uses the main job's fields with a
 budget, so the whole job fits in a few minutes on 2 CPU cores; a rerun resumes from the
 checkpoints and changing only ``config.fleet`` never retrains. Override any field, e.g.
 ``--config.fleet.num_devices=500 --config.fleet.policies=every_round,never``.
+
+``config.fleet`` holds :class:`duet_jax.fleet.FleetConfig`'s defaults (its fields are
+documented there, and it checks them); the lists are comma-separated strings:
+
+- ``num_devices`` (N, 0 = every user with a device-test period), ``num_rounds`` (T: each
+  device's device-test stream is cut into T chunks), ``seed`` (which devices take part);
+- ``policies``: every_round, every_k_items (``every_k``), drift_threshold (``threshold``,
+  ``drift_window``, ``distance``), never (the head of the first sync, never refreshed);
+- ``formats`` (delivery: float32, bfloat16, int8), ``upload`` (ids | z);
+- ``base`` (score the static cloud head alongside), ``min_bucket`` / ``max_bucket`` (cloud
+  batch sizes), ``score_batch_size``, ``progress``.
 """
 
 import ml_collections
 
+from duet_jax.fleet import FleetConfig
 from experiments.configs import movielens_100k, synthetic
 
 VARIANTS = ("", "movielens_100k")
 
 
 def fleet_fields() -> ml_collections.ConfigDict:
-    """``config.fleet`` (duet_jax/fleet.py, FleetConfig)."""
-    fleet = ml_collections.ConfigDict()
-    fleet.num_devices = 0  # N: 0 = every user with a device-test period
-    fleet.num_rounds = 10  # T: each device's device-test stream is cut into T chunks
-    # request policies to compare (comma-separated): every_round, every_k_items,
-    # drift_threshold, never (the head of the first sync, never refreshed)
-    fleet.policies = "every_round,every_k_items,drift_threshold,never"
-    fleet.every_k = 3  # every_k_items: request after this many new interactions
-    fleet.threshold = 0.1  # drift_threshold: distance of the recent-items mean embedding
-    fleet.drift_window = 5  # drift_threshold: the most recent items averaged
-    fleet.distance = "cosine"  # drift_threshold: cosine (1 - cos) or l2
-    fleet.formats = "float32,bfloat16,int8"  # delivery formats (comma-separated)
-    fleet.upload = "ids"  # ids (raw item ids) | z (embedding only: privacy-preserving)
-    fleet.base = True  # score Base (the static cloud head) alongside
-    fleet.min_bucket = 64  # cloud batches are powers of two in [min_bucket, max_bucket]
-    fleet.max_bucket = 4096
-    fleet.score_batch_size = 2048
-    fleet.seed = 0  # which devices take part when num_devices < all
-    fleet.progress = True
-    return fleet
+    """``config.fleet``: every :class:`FleetConfig` field at its default."""
+    return FleetConfig().to_config()
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

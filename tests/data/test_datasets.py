@@ -1,5 +1,6 @@
 """Every real dataset built with TFDS from DUET_DATA_DIR: counts, order, no leakage,
-negatives, determinism, and no partial build after a failure."""
+negatives, determinism, where the build goes, that it is built once, and no partial build
+after a failure."""
 
 import glob
 import os
@@ -12,7 +13,8 @@ from duet_jax.data.protocol import ProtocolConfig, build_dataset_samples
 from duet_jax.data.samples import SampleConfig
 from duet_jax.errors import DataError
 
-# raw counts from ../shared/data/MANIFEST.md: users, items, interactions
+# raw counts measured on the files in DUET_DATA_DIR (its MANIFEST.md; MovieLens-100K's match
+# the published numbers): users, items, interactions
 MANIFEST_COUNTS = {
     "movielens_100k": (943, 1682, 100_000),
     "amazon_cds": (17_052, 35_118, 472_265),
@@ -43,7 +45,7 @@ def test_movielens_records_are_chronological_and_complete(built):
     records = built["movielens_100k"]
     assert all((np.diff(r.timestamps) >= 0).all() for r in records)
     ts = np.concatenate([r.timestamps for r in records])
-    assert (ts.min(), ts.max()) == (874724710, 893286638)  # MANIFEST
+    assert (ts.min(), ts.max()) == (874724710, 893286638)  # the data's MANIFEST.md
     assert min(len(r.items) for r in records) >= 20
     assert [r.user for r in records] == [str(u) for u in range(1, 944)]
 
@@ -120,6 +122,58 @@ def test_second_build_is_byte_identical(real_data_dir, tmp_path):
         for run in ("a", "b")
     ]
     assert splits[0].fingerprint() == splits[1].fingerprint()
+
+
+def _files(root) -> dict[str, int]:
+    """Every file under ``root`` -> its mtime in ns."""
+    return {
+        os.path.relpath(p, root): os.stat(p).st_mtime_ns
+        for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+        if os.path.isfile(p)
+    }
+
+
+def test_tfds_dir_falls_back_to_tfds_data_dir_then_the_tfds_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env"))
+    assert datasets.tfds_data_dir(str(tmp_path / "given")) == str(tmp_path / "given")
+    assert datasets.tfds_data_dir(None) == str(tmp_path / "env")
+    assert datasets.tfds_data_dir("") == str(tmp_path / "env")
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert datasets.tfds_data_dir(None) == str(tmp_path / "home" / "tensorflow_datasets")
+
+
+def test_build_splits_builds_in_tfds_data_dir_once(real_data_dir, tmp_path, monkeypatch):
+    """No tfds_dir given: the build goes to $TFDS_DATA_DIR (read when called, not when TFDS
+    was imported); a second call reuses it without generating anything or rewriting a file,
+    and without needing the raw files any more."""
+    env_dir = str(tmp_path / "env")
+    monkeypatch.setenv("TFDS_DATA_DIR", env_dir)
+    first = datasets.build_splits(
+        "movielens_100k", ProtocolConfig(), SampleConfig(), 0, real_data_dir
+    )
+    assert os.path.isfile(
+        os.path.join(env_dir, "duet_movielens_100k", "1.0.0", "dataset_info.json")
+    )
+    before = _files(env_dir)
+    assert any(".array_record-" in p for p in before)
+
+    def no_rebuild(self, dl_manager):
+        raise AssertionError("the dataset was generated a second time")
+
+    cls = datasets.builder_class("movielens_100k")
+    monkeypatch.setattr(cls, "_split_generators", no_rebuild)
+    monkeypatch.delenv("DUET_DATA_DIR", raising=False)
+    second = datasets.build_splits(
+        "movielens_100k", ProtocolConfig(), SampleConfig(), 0, str(tmp_path / "gone")
+    )
+    assert second.fingerprint() == first.fingerprint()
+    assert _files(env_dir) == before
+    # the plain TFDS call on the same directory reuses it too
+    import tensorflow_datasets as tfds
+
+    tfds.builder("duet_movielens_100k", data_dir=env_dir).download_and_prepare()
+    assert _files(env_dir) == before
 
 
 def test_failed_build_leaves_no_dataset_and_a_fixed_build_works(tmp_path, real_data_dir):

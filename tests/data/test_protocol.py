@@ -1,4 +1,5 @@
-"""The DESIGN.md §2 protocol on crafted records: filters, k-core, remapping, splits."""
+"""The real-data protocol (docs/datasets.md) on crafted records: filters, k-core, remapping,
+splits."""
 
 import numpy as np
 import pytest

@@ -1,14 +1,21 @@
 """The benchmark as a user runs it, at tiny sizes: every case lands in a well-formed
 ``benchmark.json`` with positive, finite numbers, plus the plot. Correctness, not speed:
-no timing is asserted."""
+no timing is asserted. The committed results stay readable: the summary and the plot are
+rebuilt from each ``benchmarks/results/**/benchmark.json``."""
 
+import glob
 import json
 import math
 import os
 import subprocess
 import sys
 
+import ml_collections
+import pytest
+
 from experiments import cli
+from experiments.benchmark.plots import plot
+from experiments.benchmark.summary import summarise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
@@ -103,3 +110,29 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert set(s["split_ms_per_device"]) == {"encoder", "decoder", "full"}
     assert set(result["summary"]["acceptance"]) == {"vmap_vs_loop_at_least_10x",
                                                     "sequential_finetune_at_least_100x_duet"}
+
+
+COMMITTED = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "**", "benchmark.json"),
+                             recursive=True))
+
+
+def _contains(rebuilt, stored) -> bool:
+    """``stored`` is ``rebuilt`` with some dict keys left out (older runs of the benchmark
+    recorded fewer summary fields)."""
+    if isinstance(stored, dict):
+        return isinstance(rebuilt, dict) and all(
+            k in rebuilt and _contains(rebuilt[k], v) for k, v in stored.items())
+    return rebuilt == stored
+
+
+# a partial run (e.g. only the DIN loop) leaves panels empty: matplotlib warns, the PNG is fine
+@pytest.mark.filterwarnings("ignore:Data has no positive values", "ignore:No artists with labels")
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: os.path.relpath(p, ROOT))
+def test_committed_results_rebuild_their_summary_and_plot(path, tmp_path):
+    with open(path) as f:
+        result = json.load(f)
+    assert result["complete"]
+    rebuilt = summarise(result["cases"], ml_collections.ConfigDict(result["config"]))
+    assert _contains(rebuilt, result["summary"])  # the same arithmetic on the same rows
+    plot(result, str(tmp_path / "benchmark.png"))
+    assert (tmp_path / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

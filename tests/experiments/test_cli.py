@@ -2,6 +2,7 @@
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -30,3 +31,33 @@ def test_malloc_keep_freed_names_what_is_missing_elsewhere(monkeypatch):
 def test_environment_outside_a_command_line_run_has_no_malloc_setting():
     assert cli.malloc_setting() is None
     assert report.environment()["malloc_keep_freed"] is None
+
+
+def test_shipped_config_names_resolve_to_files():
+    names = cli.shipped_configs()
+    assert {"synthetic", "movielens_100k", "fleet"} <= set(names)
+    path = cli.resolve_config_arg("--config=movielens_100k:quick")
+    assert path == f"--config={os.path.join(cli.CONFIG_DIR, 'movielens_100k.py')}:quick"
+    assert os.path.isfile(path.split("=", 1)[1].rsplit(":", 1)[0])
+    # paths and other flags pass through unchanged
+    for arg in ("--config=experiments/configs/synthetic.py", "--workdir=movielens_100k",
+                "--config=no_such_config"):
+        assert cli.resolve_config_arg(arg) == arg
+
+
+@pytest.mark.skipif(shutil.which("duet-train") is None, reason="package not pip-installed")
+def test_console_script_runs_from_any_directory(tmp_path):
+    """``duet-train`` after ``pip install``: no clone on the path, shipped default config."""
+    from tests.experiments.test_main import TINY
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    workdir = tmp_path / "run"
+    proc = subprocess.run(["duet-train", f"--workdir={workdir}", *TINY],
+                          cwd=tmp_path, env={**env, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (workdir / "results.json").is_file()
+    bad = subprocess.run(["duet-train", f"--workdir={workdir}", "--config.train.batch_size=0"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "config.train.batch_size=0 is invalid" in bad.stderr

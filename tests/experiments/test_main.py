@@ -93,17 +93,47 @@ def test_defaults_need_no_flags_and_rerun_resumes(tmp_path):
     assert {p.parent.parent.name for p in checkpoints} == {"base", "duet"}
     again = _main(*TINY, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    # the same numbers (adaptation times are measured again, so they may differ)
+    # the same numbers, bitwise: restored parameters, the same code on the same machine
+    # (adaptation times are measured again, so they may differ)
     untimed = lambda rs: [{k: v for k, v in r.items() if k != "adapt_ms_per_device"} for r in rs]
     assert untimed(json.loads((workdir / "results.json").read_text())["rows"]) == untimed(rows)
     # nothing was retrained: no checkpoint was written or rewritten
     assert {p: p.stat().st_mtime_ns for p in workdir.glob("*/checkpoints/*")} == checkpoints
 
 
+@pytest.mark.slow  # ~45 s; tests/test_training.py checks the same rule on the library
+def test_a_larger_budget_continues_a_finished_run(tmp_path):
+    """num_epochs 1 -> 2 on a finished workdir trains one more epoch and ends where a run
+    started with 2 epochs ends (bitwise: same code, same machine, same batches); changing
+    only cosmetic fields does not block it."""
+    short = [a for a in TINY if "num_epochs" not in a]
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    for args in ((f"--workdir={extended}", "--config.train.num_epochs=1"),
+                 (f"--workdir={extended}", "--config.train.num_epochs=2",
+                  "--config.train.checkpoint_every_steps=7"),
+                 (f"--workdir={fresh}", "--config.train.num_epochs=2")):
+        run = _main(*short, *args)
+        assert run.returncode == 0, run.stderr[-3000:]
+    untimed = lambda rs: [{k: v for k, v in r.items()
+                           if k not in ("adapt_ms_per_device", "train_seconds")} for r in rs]
+    rows = lambda d: untimed(json.loads((d / "results.json").read_text())["rows"])
+    assert rows(extended) == rows(fresh)
+    for method in ("base", "duet"):
+        lines = (extended / method / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    # a changed learning rate is refused, naming that field and nothing else
+    bad = _main(*short, f"--workdir={extended}", "--config.train.num_epochs=2",
+                "--config.train.learning_rate=0.01")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "config.train.learning_rate" in bad.stderr
+    assert "num_epochs" not in bad.stderr.split("learning_rate", 1)[1]
+
+
 def test_bad_override_fails_naming_the_field(tmp_path):
     run = _main(f"--workdir={tmp_path}", *TINY, "--config.seq_len=0")
-    assert run.returncode != 0
-    assert "config.seq_len=0 is invalid" in run.stderr
+    assert run.returncode == 2
+    assert "error: config.seq_len=0 is invalid" in run.stderr
+    assert "Traceback" not in run.stderr  # a user error is one line, not a stack
     assert not (tmp_path / "results.json").exists()
 
 

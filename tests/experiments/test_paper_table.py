@@ -45,6 +45,8 @@ def test_paper_table_runs_cells_summarises_and_resumes(tmp_path):
     for entry in out["summary"]:
         values = [r["auc"] for r in rows if r["method"] == entry["method"]]
         assert entry["n"] == 2
+        # float64 mean and std of two values, maybe in another order: a few ulps (~1e-16),
+        # far inside approx's default relative 1e-6
         assert entry["auc_mean"] == pytest.approx(np.mean(values))
         assert entry["auc_std"] == pytest.approx(np.std(values, ddof=1))
     for name in ("paper_table.md", "paper_table.csv", "paper_auc.png"):

@@ -1,8 +1,8 @@
 import ml_collections
 import pytest
 
-from duet_jax import config as config_lib
 from duet_jax.errors import ConfigError
+from experiments import config as config_lib
 from experiments.configs import synthetic
 
 
@@ -64,8 +64,14 @@ def test_run_identity_ignores_cosmetic_fields():
     b.train.progress = False
     b.methods = "duet"
     assert config_lib.run_identity(a) == config_lib.run_identity(b)
-    b.train.learning_rate = 2e-3
+    b.sasrec.num_heads = 2  # another model's options: not part of this model's run
+    b.model = "gru4rec"
+    a.model = "gru4rec"
+    assert config_lib.run_identity(a) == config_lib.run_identity(b)
+    b.embed_dim = 16
     assert config_lib.run_identity(a) != config_lib.run_identity(b)
+    # config.train is compared by duet_jax.training (a larger budget may resume)
+    assert "train" not in config_lib.run_identity(a)
 
 
 def test_frozen_decoders_default_to_the_authors_init_and_refuse_glorot():

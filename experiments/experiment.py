@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 
-from duet_jax import adaptation, files, finetune
-from duet_jax import config as config_lib
+from duet_jax import adaptation, cache, finetune
 from duet_jax.data import authors_format, datasets
 from duet_jax.data.cache import cached_splits
 from duet_jax.data.samples import Splits
 from duet_jax.data.synthetic import build_synthetic
 from duet_jax.duet import Duet
-from duet_jax.methods import DUET_VARIANTS, duet_method, get_method
+from duet_jax.methods import get_method, method_spec
 from duet_jax.metrics import METRIC_NAMES
 from duet_jax.models import get_model
 from duet_jax.training import TrainResult, train_and_evaluate
+from experiments import config as config_lib
 
 ROW_KEYS = ("model", "method", *METRIC_NAMES, "seed")
 
@@ -71,16 +66,6 @@ def _file_identity(path: str) -> list | None:
             stat.st_mtime_ns if stat else None]
 
 
-def params_digest(params: Any) -> str:
-    """sha256 of a parameter pytree's leaves (what a dependent run was built on)."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        array = np.asarray(leaf)
-        digest.update(f"{array.shape}{array.dtype}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
 def _row(model_name: str, method: str, config, test: dict, val: dict, **extra) -> dict:
     select = config.train.select_metric
     return {
@@ -100,29 +85,27 @@ def _run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) 
     ft_config = config_lib.finetune_config(config)
     identity = {
         "finetune": {k: v for k, v in dataclasses.asdict(ft_config).items() if k != "progress"},
-        "base_params": params_digest(base_params),
+        "base_params": cache.arrays_digest(base_params),
         "data": data.fingerprint(),
         "model": model.name,
+        # 0 steps reuses Base's predictions, which are exact only at Base's batch size
+        "eval_batch_size": config.train.eval_batch_size,
     }
-    identity = json.loads(files.dumps(identity))
     path = os.path.join(run_dir, "result.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-        if stored.get("identity") == identity:
-            return stored["result"]
-    result = finetune.finetune_and_evaluate(model, base_params, data, ft_config)
+    stored = cache.load_record(path, identity)
+    if stored is not None:
+        return stored
+    result = finetune.finetune_and_evaluate(model, base_params, data, ft_config,
+                                            eval_batch_size=config.train.eval_batch_size)
     out = dataclasses.asdict(result)
-    os.makedirs(run_dir, exist_ok=True)
-    files.write_text_atomic(path, files.dumps({"identity": identity, "result": out}))
+    cache.save_record(path, identity, out)
     return out
 
 
 def duet_variant(config: ml_collections.ConfigDict, model, name: str) -> tuple[Duet, str]:
-    """The :class:`Duet` of DUET variant ``name`` and its training mode."""
-    options = config_lib.method_options(config, name)
-    training = options.pop("training")
-    return Duet.create(model, **options), training
+    """The :class:`Duet` of DUET method ``name`` and its training mode."""
+    options = config_lib.duet_options(config, name)
+    return Duet.create(model, **options.generator_kwargs()), options.training
 
 
 def train_method(
@@ -134,21 +117,22 @@ def train_method(
     base_params: dict | None = None,
     identity: dict | None = None,
 ) -> TrainResult:
-    """Train (or resume, or only restore) ``base`` or a DUET variant in ``run_dir``.
+    """Train (or resume, or only restore) trained method ``name`` in ``run_dir``, built by
+    the method registry (:func:`duet_jax.methods.get_method`).
 
-    ``identity`` (default :func:`duet_jax.config.run_identity`) is what must match on
+    ``identity`` (default :func:`experiments.config.run_identity`) is what must match on
     resume; a DUET variant adds the generator options it really uses, and a two-stage one
     the digest of the ``base_params`` it starts from.
     """
     run_config = dict(config_lib.run_identity(config) if identity is None else identity)
-    if name in DUET_VARIANTS:
-        duet, training = duet_variant(config, model, name)
-        method = duet_method(duet, name, training, base_params)
-        run_config["generator"] = config_lib.method_options(config, name)
-        if training == "two_stage":
-            run_config["base_params"] = params_digest(base_params)
-    else:
-        method = get_method(name, model)
+    options = {}
+    if method_spec(name).uses_generator:
+        duet_options = config_lib.duet_options(config, name)
+        options = {"training": duet_options.training, **duet_options.generator_kwargs()}
+        run_config["generator"] = dataclasses.asdict(duet_options)
+        if duet_options.training == "two_stage":
+            run_config["base_params"] = cache.arrays_digest(base_params)
+    method = get_method(name, model, base_params=base_params, **options)
     logging.info("training %s/%s in %s", model.name, name, run_dir)
     return train_and_evaluate(
         method,
@@ -162,11 +146,15 @@ def train_method(
 
 
 def needs_base(config: ml_collections.ConfigDict, names: list[str]) -> bool:
-    """Whether a method in ``names`` starts from Base's parameters (fine-tuning, two-stage)."""
-    return "finetune" in names or any(
-        config_lib.method_options(config, n)["training"] == "two_stage"
-        for n in names if n in DUET_VARIANTS
-    )
+    """Whether a method in ``names`` starts from Base's parameters (on-device adaptation,
+    two-stage DUET)."""
+    for name in names:
+        spec = method_spec(name)
+        if spec.kind == "on_device":
+            return True
+        if spec.uses_generator and config_lib.duet_options(config, name).training == "two_stage":
+            return True
+    return False
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = None) -> list[dict]:
@@ -189,7 +177,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
     rows, base_params = [], None
     for name in names:
         run_dir = os.path.join(workdir, name)
-        if name == "finetune":
+        spec = method_spec(name)
+        if spec.kind == "on_device":  # adapts Base on each device; nothing to train
             logging.info("fine-tuning %s on each device in %s", model.name, run_dir)
             ft = _run_finetune(model, base_params, data, config, run_dir)
             rows.append(_row(model.name, name, config, ft["test"], ft["val"],
@@ -201,7 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
         extra = {}
         if name == "base":
             base_params = result.params
-        else:
+        elif spec.uses_generator:
             extra["adapt_ms_per_device"] = 1e3 * adaptation.generation_seconds_per_device(
                 duet_variant(config, model, name)[0], result.params, data.test,
                 data.num_users, group_size,

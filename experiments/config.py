@@ -17,10 +17,8 @@ from duet_jax.data.synthetic import SyntheticConfig
 from duet_jax.data.tfds_builders import BUILDERS
 from duet_jax.errors import ConfigError
 from duet_jax.finetune import FinetuneConfig
-from duet_jax.generator import DECODER_INITS, DECODER_MODES, resolve_decoder_init
-from duet_jax.methods import DUET_VARIANTS, METHODS, TRAINING_MODES
+from duet_jax.methods import DuetOptions, method_names, method_spec
 from duet_jax.models import MODELS, ModelConfig
-from duet_jax.stabiliser import SOFTMAX_OVER
 from duet_jax.training import TrainConfig
 
 REAL_DATASETS = tuple(BUILDERS)  # built with TFDS from raw files
@@ -85,11 +83,12 @@ def model_name(config: ml_collections.ConfigDict) -> str:
 
 def methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     names = tuple(m.strip() for m in str(config.methods).split(",") if m.strip())
-    if not names or any(m not in METHODS for m in names) or len(set(names)) != len(names):
+    known = method_names()
+    if not names or any(m not in known for m in names) or len(set(names)) != len(names):
         raise ConfigError(
             "config.methods",
             config.methods,
-            f"a comma-separated list of distinct names from {list(METHODS)}",
+            f"a comma-separated list of distinct names from {list(known)}",
         )
     return names
 
@@ -119,54 +118,38 @@ def model_config(config: ml_collections.ConfigDict, num_items: int) -> ModelConf
     )
 
 
-def _generator_options(gen: dict, where: str) -> dict:
-    """Check generator options (``where`` prefixes field names in errors)."""
-    if gen["decoders"] not in DECODER_MODES:
-        raise ConfigError(f"{where}.decoders", gen["decoders"], f"one of {list(DECODER_MODES)}")
-    if gen["decoder_init"] not in DECODER_INITS:
-        raise ConfigError(
-            f"{where}.decoder_init", gen["decoder_init"], f"one of {list(DECODER_INITS)}"
-        )
-    try:
-        resolve_decoder_init(gen["decoders"], gen["decoder_init"])
-    except ValueError as err:
-        raise ConfigError(f"{where}.decoder_init", gen["decoder_init"], str(err)) from None
-    for name, low in (("hidden_dim", 1), ("z_dim", 1), ("stabiliser", 0), ("low_rank", 0)):
-        value = gen[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{where}.{name}", value, f"an integer >= {low}")
-    if gen["stabiliser_softmax"] not in SOFTMAX_OVER:
-        raise ConfigError(f"{where}.stabiliser_softmax", gen["stabiliser_softmax"],
-                          f"one of {list(SOFTMAX_OVER)}")
-    if gen["training"] not in TRAINING_MODES:
-        raise ConfigError(f"{where}.training", gen["training"], f"one of {list(TRAINING_MODES)}")
-    return gen
-
-
-GENERATOR_FIELDS = ("decoders", "decoder_init", "hidden_dim", "z_dim", "stabiliser",
-                    "stabiliser_softmax", "low_rank", "training")
-
-
-def generator_options(config: ml_collections.ConfigDict) -> dict:
-    """Keyword arguments for :meth:`duet_jax.duet.Duet.create` plus ``training``."""
-    gen = {name: config.generator[name] for name in GENERATOR_FIELDS}
-    return _generator_options(gen, "config.generator")
-
-
-def method_options(config: ml_collections.ConfigDict, method: str) -> dict:
-    """Generator options and ``training`` for a DUET variant: ``config.generator`` with the
-    variant's overrides (values ``"ablation.X"`` read from ``config.ablation.X``, which must
-    switch the option on: an integer >= 1)."""
-    options = generator_options(config)
-    for name, value in DUET_VARIANTS[method].items():
+def duet_options(config: ml_collections.ConfigDict, method: str = "duet") -> DuetOptions:
+    """The generator options and training mode of DUET method ``method``:
+    ``config.generator`` with the registry's overrides for that method (values
+    ``"ablation.X"`` read from ``config.ablation.X``, which must switch the option on: an
+    integer >= 1)."""
+    options = {name: config.generator[name] for name in GENERATOR_FIELDS}
+    overrides = method_spec(method).generator or {}
+    paths = {name: f"config.generator.{name}" for name in GENERATOR_FIELDS}
+    for name, value in overrides.items():
         if isinstance(value, str) and value.startswith("ablation."):
             field = value.split(".", 1)[1]
             value = config.ablation[field]
+            paths[name] = f"config.ablation.{field}"
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"config.ablation.{field}", value,
+                raise ConfigError(paths[name], value,
                                   f"an integer >= 1 (method {method} switches it on)")
         options[name] = value
-    return options
+    return _build(DuetOptions, paths, **options)
+
+
+GENERATOR_FIELDS = tuple(f.name for f in dataclasses.fields(DuetOptions))
+
+
+def generator_options(config: ml_collections.ConfigDict) -> dict:
+    """``config.generator`` checked: keyword arguments for :meth:`duet_jax.duet.Duet.create`
+    plus ``training``."""
+    return dataclasses.asdict(duet_options(config, "duet"))
+
+
+def method_options(config: ml_collections.ConfigDict, method: str) -> dict:
+    """:func:`duet_options` of ``method`` as a dict (what a run's identity records)."""
+    return dataclasses.asdict(duet_options(config, method))
 
 
 def finetune_config(config: ml_collections.ConfigDict) -> FinetuneConfig:
@@ -206,7 +189,7 @@ def _string(config: ml_collections.ConfigDict, name: str) -> str:
 
 
 def protocol_config(config: ml_collections.ConfigDict) -> ProtocolConfig:
-    """How a real dataset's records become sequences (DESIGN.md §2)."""
+    """How a real dataset's records become sequences (docs/datasets.md, "Protocol")."""
     for name in REAL_SOURCE_FIELDS:
         _string(config, name)
     missing = [n for n in PROTOCOL_FIELDS if n not in config.data]
@@ -254,10 +237,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _int(config, "seed", 0)
     _int(config, "data.seed", 0)
     model_config(config, num_items=1)
-    generator_options(config)
+    duet_options(config, "duet")
     for name in methods(config):
-        if name in DUET_VARIANTS:
-            method_options(config, name)
+        if method_spec(name).uses_generator:
+            duet_options(config, name)
     finetune_config(config)  # its group size also times DUET's adaptation
     sample_config(config)
     name = dataset_name(config)
@@ -273,16 +256,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields that define one (model, method) training run, as JSON-able values.
 
-    Cosmetic fields (progress bars), file locations and the list of methods are left out,
-    so rerunning with another method list, without progress bars or with the raw files
-    moved still resumes (the data fingerprint still has to match). So are the generator,
+    File locations and the list of methods are left out, so rerunning with another method
+    list or with the raw files moved still resumes (the data fingerprint still has to
+    match); ``config.train`` and the seed are compared by :mod:`duet_jax.training`, which
+    lets a run continue with a larger budget. So are the generator,
     ablation and fine-tuning fields: each method adds the options it really uses
     (:func:`method_options`), so a Base run resumes whatever the generator settings.
     """
     as_dict = config.to_dict()
-    for name in ("methods", "generator", "ablation", "finetune"):
+    # training compares config.train and the seed itself (resuming with a larger budget is
+    # allowed there), and another model's options cannot change this model's run
+    for name in ("methods", "generator", "ablation", "finetune", "train", "seed",
+                 *({"sasrec", "din"} - {config.model})):
         as_dict.pop(name, None)
-    as_dict.get("train", {}).pop("progress", None)
     for name in REAL_SOURCE_FIELDS:  # where files are; the data fingerprint guards content
         as_dict.get("data", {}).pop(name, None)
 

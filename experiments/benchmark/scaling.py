@@ -1,11 +1,12 @@
-"""Sharded head generation over 1..n accelerators (part of ``experiments.benchmark``).
+"""Sharded head generation over 1..n accelerators (the benchmark's ``scaling`` case).
 
 Weak scaling: each accelerator gets ``per_accelerator_batch`` devices per call, so a call on
 an ``n``-accelerator mesh generates ``n * per_accelerator_batch`` heads; ``devices`` heads
 are streamed in such calls and discarded. Fake CPU devices need a fresh process (the count
 is fixed when JAX starts), so :func:`run_fake` re-runs this module as
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.scaling '{json}'
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python -m experiments.benchmark.scaling '{json}'
 
 which prints one JSON line: the measurement over all its (fake) devices.
 """
@@ -25,7 +26,8 @@ from duet_jax import sharding, timing
 from duet_jax.duet import Duet
 from duet_jax.models import ModelConfig, get_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the repository root: the subprocess imports experiments.* from there
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def random_sequences(rng: np.random.Generator, n: int, seq_len: int,
@@ -86,8 +88,9 @@ def run_fake(count: int, kwargs: dict, timeout_s: float = 600) -> dict:
     """:func:`measure` in a subprocess with ``count`` fake CPU devices."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
-    proc = subprocess.run([sys.executable, "-m", "experiments.scaling", json.dumps(kwargs)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    command = [sys.executable, "-m", "experiments.benchmark.scaling", json.dumps(kwargs)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
     if proc.returncode:
         raise RuntimeError(f"fake-device scaling run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,348 @@
+"""What the benchmark times: every case's setup, timed passes and result row.
+
+:class:`Bench` holds what the cases share (config, the machine's peaks, models, one pool
+of random trigger sequences); :func:`tasks` lists the cases a config asks for, in the order
+they run. Each case compiles first, then times a warm-up call apart from the ``repeats``
+timed passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from duet_jax import finetune, timing
+from duet_jax.duet import Duet
+from duet_jax.errors import ConfigError
+from duet_jax.generator import ParameterGenerator
+from duet_jax.models import ModelConfig, get_model
+from experiments.benchmark import scaling
+
+CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling"}
+
+
+class Bench:
+    """The state every case shares: config, peaks, models, random sequences."""
+
+    def __init__(self, config):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+        self.model_config = ModelConfig(num_items=config.num_items, seq_len=config.seq_len,
+                                        embed_dim=config.embed_dim)
+        self.key = jax.random.key(config.seed)
+        self.peaks: dict = {}
+        self._duets: dict = {}
+        self._seq = None
+
+    def duet(self, model: str, low_rank: int = 0):
+        """``(Duet, params)`` with random init (accuracy is not measured here)."""
+        if (model, low_rank) not in self._duets:
+            duet = Duet.create(get_model(model, self.model_config), low_rank=low_rank)
+            self._duets[model, low_rank] = (duet, duet.init(self.key))
+            jax.block_until_ready(self._duets[model, low_rank][1])
+        return self._duets[model, low_rank]
+
+    def sequences(self, n: int):
+        """The first ``n`` of one fixed pool of random trigger sequences ``[n, L]``."""
+        if self._seq is None or len(self._seq) < n:
+            have = 0 if self._seq is None else len(self._seq)
+            more = scaling.random_sequences(self.rng, n - have, self.config.seq_len,
+                                            self.config.num_items)
+            self._seq = more if self._seq is None else np.concatenate([self._seq, more])
+        return self._seq[:n]
+
+    def batches(self, n: int, batch: int):
+        """``ceil(n / batch)`` device arrays ``[batch, L]`` (the last padded with empty
+        sequences), placed before timing: the cloud has the ids in memory."""
+        calls = -(-n // batch)
+        seq = np.zeros((calls * batch, self.config.seq_len), np.int32)
+        seq[:n] = self.sequences(n)
+        return [jax.device_put(b) for b in seq.reshape(calls, batch, -1)]
+
+    def time(self, fn: Callable, args_per_call: list[tuple], compile_args: tuple) -> dict:
+        """Compile ``fn``, then time passes that call it on every ``args_per_call`` entry
+        (one call kept in flight while the next is dispatched; results discarded)."""
+        compiled, compile_s = timing.compile_timed(fn, *compile_args)
+        return self._measure(
+            _pipelined(compiled, args_per_call), compiled, compile_s,
+            warmup=lambda: jax.block_until_ready(compiled(*args_per_call[0])),
+            matmul=lambda: timing.matmul_flops(fn, *compile_args))
+
+    def _measure(self, run: Callable[[], None], compiled, compile_s: float,
+                 warmup: Callable[[], None], matmul: Callable[[], dict]) -> dict:
+        """Time passes of ``run`` (after ``warmup``), then what XLA says of ``compiled``:
+        the fields :meth:`case` turns into a row."""
+        timing.reset_peak_rss()
+        result = timing.time_pass(run, self.config.repeats, compile_s, warmup=warmup,
+                                  budget_s=self.config.case_budget_s,
+                                  min_repeats=self.config.min_repeats)
+        return {
+            "timing": result.summary(),
+            "median_s": result.median_s,
+            "cost_per_call": timing.cost(compiled),
+            "matmul": matmul(),
+            "compiled_memory_bytes": timing.compiled_memory(compiled),
+            "peak_rss_bytes": timing.peak_rss_bytes(),
+            "device_memory": timing.device_memory(),
+        }
+
+    def case(self, kind: str, model: str, n: int, per_call: int, measured: dict,
+             **extra) -> dict:
+        """One result row: throughput, per-device cost, achieved fraction of the peaks."""
+        median = measured.pop("median_s")
+        cost = measured.pop("cost_per_call")
+        matmul = measured.pop("matmul")
+        flops = matmul["matmul_flops"] / per_call
+        moved = cost["bytes_accessed"] / per_call
+        written = measured["compiled_memory_bytes"].get("output", float("nan")) / per_call
+        rate = n / median
+        peak_flops = self.peaks["matmul"]["flops_per_s"]
+        peak_bytes = self.peaks["bandwidth"]["bytes_per_s"]
+        return {
+            "case": kind, "model": model, "num_devices": n, "per_call_devices": per_call,
+            **extra,
+            "devices_per_s": rate,
+            "ms_per_device": 1e3 * median / n,
+            # matrix-product FLOPs from the jaxpr, loop bodies times their trip count
+            "flops_per_device": flops,
+            "uncounted_while_loops": matmul["uncounted_while_loops"],
+            # XLA's cost analysis as reported: loop bodies (GRU steps, Adam steps) counted once
+            "xla_flops_per_device": cost["flops"] / per_call,
+            "bytes_per_device": moved,
+            "output_bytes_per_device": written,
+            "achieved_flops_per_s": flops * rate,
+            "achieved_bytes_per_s": moved * rate,
+            "fraction_of_peak_flops": flops * rate / peak_flops,
+            "fraction_of_peak_bandwidth": moved * rate / peak_bytes,
+            "output_fraction_of_peak_bandwidth": written * rate / peak_bytes,
+            **measured,
+        }
+
+    # ---------------------------------------------------------------- generation
+
+    def generation(self, model: str, n: int, batch: int, low_rank: int = 0) -> dict:
+        """``n`` heads from ``jit(Duet.generate)`` in batches of ``batch`` (``low_rank`` > 0:
+        low-rank decoders with a k x k core)."""
+        duet, params = self.duet(model, low_rank)
+        batches = self.batches(n, batch)
+        measured = self.time(duet.generate, [(params, b) for b in batches], (params, batches[0]))
+        return self.case("low_rank" if low_rank else "generation", model, n, batch, measured,
+                         batch_size=batch, padded_devices=len(batches) * batch, low_rank=low_rank,
+                         heads="streamed: each batch's heads discarded once computed",
+                         generated_values_per_device=duet.spec.num_values if not low_rank else None)
+
+    def stages(self, model: str, n: int, batch: int) -> list[dict]:
+        """Encoder alone (ids -> z, including the backbone's sequence embedding) and decoder
+        alone (z -> head)."""
+        duet, params = self.duet(model)
+        gen = duet.generator
+
+        def encode(p, seq):
+            features, mask = duet.model.embed_sequence(p["backbone"], seq)
+            one = lambda f, m: gen.apply(p["generator"], f, m, method=ParameterGenerator.encode)
+            return jax.vmap(one)(features, mask)
+
+        def decode(p, z):  # batched, as generate runs it
+            return gen.apply(p["generator"], z, method=ParameterGenerator.decode)
+
+        batches = self.batches(n, batch)
+        rows = [self.case("encoder", model, n, batch,
+                          self.time(encode, [(params, b) for b in batches], (params, batches[0])),
+                          batch_size=batch)]
+        z = np.random.default_rng(1).normal(size=(batch, gen.z_dim)).astype(np.float32)
+        zs = [jax.device_put(z)] * len(batches)  # decoding cost does not depend on z
+        rows.append(self.case("decoder", model, n, batch,
+                              self.time(decode, [(params, v) for v in zs], (params, zs[0])),
+                              batch_size=batch, heads="streamed"))
+        return rows
+
+    def loop(self, model: str, n: int) -> dict:
+        """The jitted single-device function called once per device from Python (each call
+        blocked on: a cloud answering device requests one at a time)."""
+        duet, params = self.duet(model)
+        single = lambda p, s: jax.tree.map(lambda x: x[0], duet.generate(p, s[None]))
+        seqs = [jax.device_put(s) for s in self.sequences(n)]
+        compiled, compile_s = timing.compile_timed(single, params, seqs[0])
+
+        def run():
+            for s in seqs:
+                jax.block_until_ready(compiled(params, s))
+
+        case = self._timed_loop("loop", model, n, run, compiled, compile_s,
+                                lambda: jax.block_until_ready(compiled(params, seqs[0])),
+                                lambda: timing.matmul_flops(single, params, seqs[0]))
+        case["paired_with_vmap"] = self._paired_with_vmap(model, n, run)
+        return case
+
+    def _paired_with_vmap(self, model: str, n: int, loop_pass: Callable[[], None]) -> dict:
+        """The loop and jit+vmap generation of the same N devices (in batches of
+        ``batch_size``) timed alternately, round by round, each round's ratio kept: a change
+        in the machine's load between two separately timed cases (minutes apart) moves
+        their ratio, but hits both halves of a round alike."""
+        duet, params = self.duet(model)
+        batches = self.batches(n, self.config.batch_size)
+        compiled, _ = timing.compile_timed(duet.generate, params, batches[0])
+        vmap_pass = _pipelined(compiled, [(params, b) for b in batches])
+        vmap_pass()  # warm-up (the loop's function is warm already)
+        loop_s, vmap_s = [], []
+        order = [(loop_pass, loop_s), (vmap_pass, vmap_s)]
+        for r in range(self.config.paired_rounds):
+            # alternate which goes first, so neither always runs on a just-warmed cache
+            for run, times in order if r % 2 == 0 else order[::-1]:
+                started = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - started)
+        speedups = [lo / v for lo, v in zip(loop_s, vmap_s, strict=True)]
+        return {"batch_size": self.config.batch_size, "rounds": len(speedups),
+                "loop_s": loop_s, "vmap_s": vmap_s, "speedups": speedups,
+                "median_speedup": float(np.median(speedups)),
+                "min_speedup": min(speedups), "max_speedup": max(speedups)}
+
+    def _timed_loop(self, kind: str, model: str, n: int, run: Callable[[], None], compiled,
+                    compile_s: float, warmup: Callable[[], None], matmul: Callable[[], dict],
+                    **extra) -> dict:
+        """A case whose pass ``run`` calls a single-device function once per device."""
+        return self.case(kind, model, n, 1,
+                         self._measure(run, compiled, compile_s, warmup, matmul), **extra)
+
+    # ---------------------------------------------------------------- adaptation
+
+    def tune_rows(self, n: int) -> dict:
+        """Each device's ``num_samples`` labelled rows ``[n, S, ...]`` (all real: weight 1)."""
+        ft = self.config.finetune
+        s = ft.num_samples
+        return {
+            "click_seq": self.sequences(n * s).reshape(n, s, -1),
+            "target": self.rng.integers(1, self.config.num_items + 1, (n, s), dtype=np.int32),
+            "label": self.rng.integers(0, 2, (n, s)).astype(np.float32),
+            "weight": np.ones((n, s), np.float32),
+        }
+
+    def adaptation(self, model: str) -> list[dict]:
+        """DUET's adaptation (generating the heads of ``finetune.devices`` devices, in groups
+        of ``group_size``) against ``k`` Adam steps of fine-tuning, vmapped in groups and
+        one device at a time, for each ``k`` of ``finetune.steps``."""
+        ft = self.config.finetune
+        group = ft.group_size
+        duet, _ = self.duet(model)
+        base = duet.model.init(jax.random.fold_in(self.key, 7))
+        # head mode: train the head, backbone fixed; all: train everything
+        head, backbone = (base["head"], base["backbone"]) if ft.params == "head" else (base, None)
+        lr = jnp.float32(ft.learning_rate)
+        groups = -(-ft.devices // group)
+        rows = self.tune_rows(groups * group)
+        vmapped = [jax.device_put(jax.tree.map(lambda x, g=g: x[g * group:(g + 1) * group], rows))
+                   for g in range(groups)]
+        singles = [jax.device_put(jax.tree.map(lambda x, d=d: x[d:d + 1], rows))
+                   for d in range(ft.loop_devices)]
+        out = [self.generation(model, ft.devices, group) | {"case": "duet_adapt"}]
+        for steps in ft.steps:
+            fn = functools.partial(_finetune, duet.model, ft.params, steps)
+            measured = self.time(fn, [(head, backbone, b, lr) for b in vmapped],
+                                 (head, backbone, vmapped[0], lr))
+            out.append(self.case("finetune_vmap", model, ft.devices, group, measured,
+                                 steps=steps, group_size=group, rows_per_device=ft.num_samples,
+                                 params=ft.params, padded_devices=groups * group))
+            compiled, compile_s = timing.compile_timed(fn, head, backbone, singles[0], lr)
+
+            def run(compiled=compiled):
+                for b in singles:
+                    jax.block_until_ready(compiled(head, backbone, b, lr))
+
+            out.append(self._timed_loop(
+                "finetune_loop", model, ft.loop_devices, run, compiled, compile_s,
+                lambda compiled=compiled: jax.block_until_ready(
+                    compiled(head, backbone, singles[0], lr)),
+                lambda fn=fn: timing.matmul_flops(fn, head, backbone, singles[0], lr),
+                steps=steps, group_size=1, rows_per_device=ft.num_samples, params=ft.params))
+        return out
+
+    # ---------------------------------------------------------------- scaling
+
+    def scaling(self) -> list[dict]:
+        """Sharded generation on 1, 2, 4, ... of this machine's accelerators (all processes'
+        in a multi-host run), then on fake CPU devices in subprocesses (CPU, one process)."""
+        sc = self.config.scaling
+        kwargs = dict(model=sc.model, num_items=self.config.num_items,
+                      seq_len=self.config.seq_len, embed_dim=self.config.embed_dim,
+                      devices=sc.devices, per_accelerator_batch=sc.per_accelerator_batch,
+                      repeats=self.config.repeats, seed=self.config.seed)
+        count = len(jax.devices())
+        counts = sorted({c for c in (1, 2, 4, 8, 16, 32, 64, count) if c <= count})
+        rows = [scaling.measure(**kwargs, num_accelerators=c) | {"fake": False}
+                for c in counts]
+        if jax.process_count() == 1 and jax.default_backend() == "cpu":
+            for c in sc.fake_devices:
+                rows.append(scaling.run_fake(c, kwargs) | {
+                    "fake": True,
+                    "note": f"{c} fake CPU devices sharing {os.cpu_count()} cores: this "
+                            "shows sharding overhead, not speed-up"})
+        base = rows[0]["devices_per_s"]
+        for row in rows:
+            row.update(case="scaling", model=sc.model, speedup_vs_1=row["devices_per_s"] / base)
+        return rows
+
+
+def _pipelined(compiled, args_per_call: list[tuple]) -> Callable[[], None]:
+    """A pass that calls ``compiled`` on every ``args_per_call`` entry, keeping one call in
+    flight while the next is dispatched, and blocks on the last (results discarded)."""
+    def run():
+        previous = None
+        for args in args_per_call:
+            out = compiled(*args)
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = out
+        jax.block_until_ready(previous)
+
+    return run
+
+
+def _finetune(model, mode, steps, trainable, fixed, tune_batch, lr):
+    """``finetune_params`` with the fixed arguments first, for ``functools.partial``."""
+    return finetune.finetune_params(model, mode, trainable, fixed, tune_batch, lr, steps)
+
+
+def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
+    """Every case as ``(label, thunk)``, in the order they run; each generation (N, B)
+    measured once even where several comparisons use it."""
+    c = bench.config
+    models = [m.strip() for m in c.models.split(",")]
+    groups = {g.strip() for g in c.cases.split(",")}
+    unknown = groups - CASE_GROUPS
+    if unknown:
+        raise ConfigError("config.cases", c.cases,
+                          f"comma-separated names from {sorted(CASE_GROUPS)}")
+    sizes = []
+    if "generation" in groups:
+        sizes += [(n, c.batch_size) for n in c.num_devices]
+        sizes += [(c.batch_sweep_devices, b) for b in c.batch_sizes]
+    if "stages" in groups or "low_rank" in groups:
+        sizes.append((c.split_devices, c.batch_size))  # the full-rank reference
+    if "loop" in groups:
+        sizes.append((c.loop_devices, c.batch_size))  # what the loop is compared with
+    out = []
+    for m in models:
+        for n, b in dict.fromkeys(sizes):
+            out.append((f"{m} generate N={n} B={b}",
+                        lambda m=m, n=n, b=b: [bench.generation(m, n, b)]))
+        if "stages" in groups:
+            out.append((f"{m} encoder/decoder",
+                        lambda m=m: bench.stages(m, c.split_devices, c.batch_size)))
+        if "low_rank" in groups and c.low_rank:
+            out.append((f"{m} low-rank k={c.low_rank}", lambda m=m: [
+                bench.generation(m, c.split_devices, c.batch_size, c.low_rank)]))
+        if "loop" in groups:
+            out.append((f"{m} python loop N={c.loop_devices}",
+                        lambda m=m: [bench.loop(m, c.loop_devices)]))
+        if "adaptation" in groups:
+            out.append((f"{m} adaptation", lambda m=m: bench.adaptation(m)))
+    if "scaling" in groups:
+        out.append(("scaling", bench.scaling))
+    return out

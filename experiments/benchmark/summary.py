@@ -1,0 +1,109 @@
+"""The benchmark's headline numbers (``benchmark.json["summary"]``): the best throughput
+against its target, the speed-up of batching, the cost of fine-tuning relative to DUET, the
+encoder/decoder split, the low-rank gain, and what bounds generation.
+
+Reads only ``cases`` rows and the config fields used below, so it works on the committed
+``benchmarks/results/*/benchmark.json`` as well as on a fresh run.
+"""
+
+from __future__ import annotations
+
+# devices/s of head generation aimed at, for the sequence-encoder device models
+TARGET_DEVICES_PER_S = 250_000
+TARGET_MODELS = ("sasrec", "gru4rec")
+# acceptance: jit+vmap generation at least this many times a Python loop of single calls
+VMAP_OVER_LOOP = 10
+# acceptance: one-device-at-a-time fine-tuning at least this many times DUET's cost
+SEQUENTIAL_FINETUNE_OVER_DUET = 100
+
+
+def model_names(models: str) -> list[str]:
+    """``config.models`` (comma-separated) -> names."""
+    return [m.strip() for m in models.split(",")]
+
+
+def find_case(cases: list[dict], kind: str, model: str, **match) -> dict | None:
+    """The first row of ``kind`` for ``model`` whose fields equal ``match``; None if none."""
+    for c in cases:
+        if c["case"] == kind and c["model"] == model and all(
+                c.get(k) == v for k, v in match.items()):
+            return c
+    return None
+
+
+def summarise(cases: list[dict], config) -> dict:
+    """The headline numbers per model and the acceptance checks. ``config``: the run's
+    config (attribute access: a ``ConfigDict``)."""
+    out: dict = {"models": {}}
+    for model in model_names(config.models):
+        out["models"][model] = _summarise_model(cases, config, model)
+    out["acceptance"] = {
+        f"vmap_vs_loop_at_least_{VMAP_OVER_LOOP}x": {
+            m: s["vmap_vs_loop"]["speedup"] >= VMAP_OVER_LOOP
+            for m, s in out["models"].items() if "vmap_vs_loop" in s},
+        f"sequential_finetune_at_least_{SEQUENTIAL_FINETUNE_OVER_DUET}x_duet": {
+            f"{m}/{k}": v >= SEQUENTIAL_FINETUNE_OVER_DUET
+            for m, s in out["models"].items() if "adaptation" in s
+            for k, v in s["adaptation"]["finetune_over_duet"].items()
+            if k.startswith("finetune_loop")},
+    }
+    return out
+
+
+def _summarise_model(cases: list[dict], config, model: str) -> dict:
+    s: dict = {}
+    gens = [c for c in cases if c["case"] == "generation" and c["model"] == model]
+    if gens:
+        best = max(gens, key=lambda c: c["devices_per_s"])
+        s["best_devices_per_s"] = best["devices_per_s"]
+        s["best_at"] = {"num_devices": best["num_devices"], "batch_size": best["batch_size"]}
+        s["target_devices_per_s"] = TARGET_DEVICES_PER_S if model in TARGET_MODELS else None
+        if s["target_devices_per_s"]:
+            s["target_met"] = best["devices_per_s"] >= TARGET_DEVICES_PER_S
+        f, b = best["fraction_of_peak_flops"], best["fraction_of_peak_bandwidth"]
+        s["fraction_of_peak_flops"], s["fraction_of_peak_bandwidth"] = f, b
+        s["output_fraction_of_peak_bandwidth"] = best["output_fraction_of_peak_bandwidth"]
+        s["bound"] = ("compute (matmul rate)" if f >= b else "memory bandwidth") + (
+            "" if max(f, b) >= 0.3 else
+            ": but both fractions are low, so latency-bound (small matmuls, the "
+            "encoder GRU's sequential steps, dispatch)")
+    loop = find_case(cases, "loop", model)
+    vmap = find_case(cases, "generation", model, num_devices=config.loop_devices,
+                     batch_size=config.batch_size)
+    paired = loop.get("paired_with_vmap") if loop else None
+    if loop and (vmap or paired):
+        # the paired (alternating) measurement when there is one; the ratio of the two
+        # separately timed cases is kept beside it
+        s["vmap_vs_loop"] = {"num_devices": config.loop_devices, "loop_extrapolated": False}
+        if vmap:
+            s["vmap_vs_loop"]["unpaired_speedup"] = (vmap["devices_per_s"]
+                                                     / loop["devices_per_s"])
+        if paired:
+            s["vmap_vs_loop"] |= {
+                "speedup": paired["median_speedup"], "measured": "paired rounds, median",
+                "rounds": paired["rounds"],
+                "speedup_range": [paired["min_speedup"], paired["max_speedup"]]}
+        else:
+            s["vmap_vs_loop"] |= {"speedup": s["vmap_vs_loop"]["unpaired_speedup"],
+                                  "measured": "separate cases"}
+    duet = find_case(cases, "duet_adapt", model)
+    if duet:
+        ratios = {}
+        for c in cases:
+            if c["model"] == model and c["case"] in ("finetune_vmap", "finetune_loop"):
+                name = f"{c['case']}_{c['params']}_k{c['steps']}"
+                ratios[name] = c["ms_per_device"] / duet["ms_per_device"]
+        s["adaptation"] = {"duet_ms_per_device": duet["ms_per_device"],
+                           "duet_group_size": duet["batch_size"],
+                           "finetune_over_duet": ratios}
+    enc, dec = find_case(cases, "encoder", model), find_case(cases, "decoder", model)
+    full = find_case(cases, "generation", model, num_devices=config.split_devices,
+                     batch_size=config.batch_size)
+    if enc and dec and full:
+        s["split_ms_per_device"] = {"encoder": enc["ms_per_device"],
+                                    "decoder": dec["ms_per_device"],
+                                    "full": full["ms_per_device"]}
+    low = find_case(cases, "low_rank", model)
+    if low and full:
+        s["low_rank_vs_full_speedup"] = low["devices_per_s"] / full["devices_per_s"]
+    return s
