@@ -103,6 +103,8 @@ class FinetuneResult:
     grid: list[dict]  # every (learning_rate, steps) with its validation metrics
     devices: int  # devices fine-tuned for the test stage
     seconds_per_device: float  # adaptation wall time per device, vmapped groups, after warm-up
+    # [N_test] logits of every device-test row with the kept setting, in storage order
+    test_logits: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------ devices and their rows
@@ -357,5 +359,6 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
     test = metrics.evaluate(data.test.user, data.test.label, logits[0])
     seconds = time_adaptation(model, base_params, test_stage, config, lr, steps)
     return FinetuneResult(test=test, val=val, learning_rate=lr, steps=steps, grid=grid,
-                          devices=len(test_stage.devices), seconds_per_device=seconds)
+                          devices=len(test_stage.devices), seconds_per_device=seconds,
+                          test_logits=logits[0])
 

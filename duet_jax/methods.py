@@ -8,6 +8,10 @@
   ``"two_stage"``, as the paper's figure draws it, starts from the trained Base backbone and
   trains the generator alone (L_ppg) with the backbone frozen.
 - ``duet_<variant>``: DUET with one ablation switched.
+- ``base_wide``: Base plus DUET's extra sequence encoder feeding a static head, as many
+  parameters as DUET (:class:`duet_jax.controls.WideBase`): the control for model size.
+- ``duet_shuffled``, ``duet_mean``: the trained ``duet`` scored at test time with another
+  device's head, or with one population-average head (:mod:`duet_jax.controls`).
 
 Every method is one :class:`MethodSpec` in :data:`REGISTRY` (:func:`register_method`).
 """
@@ -20,7 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from duet_jax import controls
+from duet_jax.data.samples import SampleSet
 from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
 from duet_jax.generator import DECODER_INITS, DECODER_MODES, resolve_decoder_init
@@ -28,7 +35,7 @@ from duet_jax.models import DeviceModel
 from duet_jax.stabiliser import SOFTMAX_OVER
 
 TRAINING_MODES = ("joint", "two_stage")
-KINDS = ("trained", "on_device")
+KINDS = ("trained", "on_device", "test_time")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,16 +94,37 @@ class MethodSpec:
     ``generator``: for DUET variants, the generator options this variant overrides; a value
     ``"ablation.X"`` is read from the experiment config's ``config.ablation.X`` (the M or k
     under test). ``None`` = the method has no generator.
+    ``build``: for a trained method that is neither Base nor DUET,
+    ``build(model, name, **generator_options) -> Method``; ``generator_of`` names the DUET
+    method whose resolved generator options it is built with (``base_wide``: ``"duet"``,
+    whose size it matches).
+    ``kind="test_time"``: scores the trained parameters of DUET method ``evaluates`` in
+    another way, without training: ``score(duet, params, samples, *, reference, seed,
+    batch_size) -> logits [N]`` (``reference`` = the cloud-train split); see
+    :func:`score_at_test_time`.
     """
 
     name: str
     description: str
     kind: str = "trained"
     generator: dict[str, Any] | None = None
+    build: Callable[..., Method] | None = None
+    generator_of: str | None = None
+    evaluates: str | None = None
+    score: Callable[..., np.ndarray] | None = None
 
     def __post_init__(self):
+        def fail(problem: str):
+            raise ValueError(f"method {self.name!r}: {problem}")
+
         if self.kind not in KINDS:
-            raise ValueError(f"method {self.name!r}: kind={self.kind!r}, expected one of {KINDS}")
+            fail(f"kind={self.kind!r}, expected one of {KINDS}")
+        if (self.kind == "test_time") != (self.evaluates is not None and self.score is not None):
+            fail("kind 'test_time' needs evaluates and score, and only it takes them")
+        if self.build is not None and (self.kind != "trained" or self.generator is not None):
+            fail("build is for trained methods without a generator")
+        if self.generator_of is not None and self.build is None:
+            fail("generator_of needs build (the generator options go to it)")
 
     @property
     def uses_generator(self) -> bool:
@@ -130,6 +158,17 @@ for _spec in (
                generator={"training": "two_stage"}),
     MethodSpec("duet_low_rank", "DUET generating a k x k core per matrix leaf",
                generator={"low_rank": "ablation.low_rank"}),
+    MethodSpec("base_wide", "Base + DUET's sequence encoder into a static head, DUET's size",
+               build=lambda model, name, **options: wide_method(model, name, **options),
+               generator_of="duet"),
+    MethodSpec("duet_shuffled", "trained DUET, each device scored with another's head",
+               kind="test_time", evaluates="duet",
+               score=lambda duet, params, samples, *, reference, seed, batch_size:
+               controls.shuffled_logits(duet, params, samples, seed, batch_size)),
+    MethodSpec("duet_mean", "trained DUET, every row scored with the mean-z head",
+               kind="test_time", evaluates="duet",
+               score=lambda duet, params, samples, *, reference, seed, batch_size:
+               controls.mean_z_logits(duet, params, samples, reference, batch_size)),
 ):
     register_method(_spec)
 
@@ -173,6 +212,13 @@ def base_method(model: DeviceModel) -> Method:
     )
 
 
+def wide_method(model: DeviceModel, name: str = "base_wide", **generator_options) -> Method:
+    """``base_wide`` (:class:`duet_jax.controls.WideBase`) sized to match DUET with
+    ``generator_options`` (:meth:`duet_jax.duet.Duet.create`'s keywords)."""
+    wide = controls.WideBase.create(model, **generator_options)
+    return Method(name=name, init=wide.init, logits=wide.apply)
+
+
 def duet_method(
     duet: Duet,
     name: str = "duet",
@@ -208,12 +254,40 @@ def get_method(
     **generator_options,
 ) -> Method:
     """The trainable :class:`Method` of registered method ``name`` (generator options
-    already resolved, as :meth:`duet_jax.duet.Duet.create` takes them). The one place a
-    method is built; an ``on_device`` method (``finetune``) has no Method and is refused."""
+    already resolved, as :meth:`duet_jax.duet.Duet.create` takes them: for DUET, and for a
+    method with ``generator_of``, that method's options). The one place a method is built;
+    an ``on_device`` method (``finetune``) or a ``test_time`` one has no Method and is
+    refused."""
     spec = method_spec(name)
-    if spec.kind != "trained":
+    if spec.kind == "on_device":
         raise ValueError(f"method {name!r} adapts on each device and has no trained Method")
+    if spec.kind == "test_time":
+        raise ValueError(f"method {name!r} scores trained {spec.evaluates!r} at test time and "
+                         "has no trained Method: use score_at_test_time")
+    if spec.build is not None:
+        return spec.build(model, name, **generator_options)
     if not spec.uses_generator:
         return base_method(model)
     duet = Duet.create(model, **generator_options)
     return duet_method(duet, name, training, base_params)
+
+
+def score_at_test_time(
+    name: str,
+    duet: Duet,
+    params: dict,
+    samples: SampleSet,
+    *,
+    reference: SampleSet,
+    seed: int,
+    batch_size: int,
+) -> np.ndarray:
+    """Logits ``[N]`` of test-time method ``name`` on ``samples``: the trained parameters
+    ``params`` of its :attr:`MethodSpec.evaluates` method (whose :class:`Duet` is ``duet``)
+    scored its way; ``reference`` is the cloud-train split (``duet_mean`` averages z over
+    it), ``seed`` the experiment's (``duet_shuffled`` derives its derangement from it)."""
+    spec = method_spec(name)
+    if spec.kind != "test_time":
+        raise ValueError(f"method {name!r} is {spec.kind!r}, not a test-time method")
+    return spec.score(duet, params, samples, reference=reference, seed=seed,
+                      batch_size=batch_size)

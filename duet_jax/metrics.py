@@ -1,26 +1,43 @@
-"""Evaluation metrics: AUC, user AUC, logloss, NDCG@K and HR@K (host-side numpy, float64).
+"""Evaluation metrics: AUC, user AUC, logloss, NDCG@K, HR@K and recall@K (host-side numpy,
+float64).
 
-Samples are grouped by their ``user`` id (not by consecutive rows), and every per-user
-metric ranks a user's own labelled candidates (positives and negatives of the split).
+Samples are grouped by their ``user`` id (not by consecutive rows). A **list** is one user's
+whole set of labelled candidates in the split: all of that user's positives together with all
+of their negatives (with the default sampling, each positive brings ``eval_negatives``
+sampled negatives, and they all go into the one list). There is one list per user, never one
+per positive. The ranking metrics (and UAUC) use the lists with both labels.
+
+For a list with ``P`` positives and ``Q`` negatives, ranked by score (rank 1 = highest), let
+``hits@K`` be the number of positives at ranks ``1..K`` and ``d(r) = 1 / log2(r + 1)``:
 
 - ``auc``: ROC AUC over all samples (Mann-Whitney; tied scores count 1/2, as sklearn).
-- ``uauc``: unweighted mean of per-user AUC over users with both labels.
+- ``uauc``: unweighted mean of per-list AUC.
 - ``logloss``: mean binary cross-entropy of ``sigmoid(logit)``, computed from logits.
-- ``ndcg@K``: DCG@K / IDCG@K with binary gains, ``DCG = sum 1/log2(rank + 1)`` over
-  positives ranked in the top K, ``IDCG`` the same for a perfect ranking
-  (``min(K, n_pos)`` positives on top).
-- ``hr@K``: positives in the top K divided by ``min(K, n_pos)``, so 1.0 is a perfect ranking.
-- Ranking users are those with both labels (as for UAUC); ties in score are broken
-  pessimistically (a positive ranks below a negative with the same score), so a constant
-  predictor cannot score well.
+- ``ndcg@K``: ``sum_{positive at rank r <= K} d(r)`` divided by
+  ``sum_{r=1..min(K, P)} d(r)`` (binary gains; the ideal list has its positives on top).
+- ``hr@K``: ``1[hits@K >= 1]``, the standard hit rate: did any positive reach the top K.
+- ``recall@K``: ``hits@K / min(K, P)``, so a perfect ranking scores 1 (``= hr@K`` when
+  ``P = 1``).
+
+Each ranking metric is the unweighted mean of its per-list value over the lists. Ties in score
+are broken pessimistically (a positive ranks below every negative with the same score), so a
+constant predictor cannot score well. Note that a list with ``Q < K`` negatives always has
+``hr@K = 1``: at most ``Q`` negatives can rank above its first positive.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 DEFAULT_KS = (5, 10, 20)
-METRIC_NAMES = ("auc", "uauc", "logloss", *(f"{m}@{k}" for k in DEFAULT_KS for m in ("ndcg", "hr")))
+RANKING = ("ndcg", "hr", "recall")
+METRIC_NAMES = ("auc", "uauc", "logloss", *(f"{m}@{k}" for k in DEFAULT_KS for m in RANKING))
+# Bump when a metric's definition changes, so stored results can tell (2: ``hr@K`` became the
+# 0/1 hit rate; its former value, hits / min(K, P), is now ``recall@K``).
+METRICS_VERSION = 2
+_RANKING_NAME = re.compile(r"^(ndcg|hr|recall)@([1-9][0-9]*)$")
 
 
 def selection_score(metric: str, value: float) -> float:
@@ -29,6 +46,12 @@ def selection_score(metric: str, value: float) -> float:
     if not np.isfinite(value):
         return -np.inf
     return -value if metric == "logloss" else value
+
+
+def parse_ranking(metric: str) -> tuple[str, int] | None:
+    """``"ndcg@10"`` -> ``("ndcg", 10)``; None for a name that is not a ranking metric."""
+    match = _RANKING_NAME.match(metric)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def _as_arrays(users, labels, scores):
@@ -78,6 +101,56 @@ def _per_group_auc(group: np.ndarray, labels: np.ndarray, scores: np.ndarray, nu
     return np.where(has_both, auc, np.nan), has_both
 
 
+def _per_group_ranking(group: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                       num_groups: int, ks) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """-> ({"ndcg@K", "hr@K", "recall@K": value per list [G]}, has_both [G]); values are NaN
+    for a list without both labels."""
+    # Sort by user, score descending, and negatives before positives among ties (pessimistic).
+    order = np.lexsort((labels, -scores, group))
+    g, y = group[order], labels[order]
+    n = len(y)
+    new_group = np.r_[True, g[1:] != g[:-1]] if n else np.zeros(0, bool)
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    rank = np.arange(n) - group_start + 1  # 1-based rank within the list
+    n_pos = np.bincount(g, weights=y, minlength=num_groups)
+    n_neg = np.bincount(g, minlength=num_groups) - n_pos
+    keep = (n_pos > 0) & (n_neg > 0)
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for k in ks:
+            in_top = (rank <= k) & (y > 0)
+            dcg = np.bincount(g, weights=in_top / np.log2(rank + 1.0), minlength=num_groups)
+            hits = np.bincount(g, weights=in_top.astype(np.float64), minlength=num_groups)
+            ideal_n = np.minimum(n_pos, k)
+            discounts = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))]
+            idcg = discounts[ideal_n.astype(np.int64)]
+            out[f"ndcg@{k}"] = np.where(keep, dcg / idcg, np.nan)
+            out[f"hr@{k}"] = np.where(keep, (hits > 0).astype(np.float64), np.nan)
+            out[f"recall@{k}"] = np.where(keep, hits / ideal_n, np.nan)
+    return out, keep
+
+
+def per_user(users, labels, scores, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One list metric (``uauc`` or a ranking metric) per user.
+
+    users, labels, scores: [N]. Returns (user ids [G] in ascending order, value [G],
+    has_both [G]); the value is NaN where the user's list lacks a label. ``uauc`` gives each
+    list's AUC. The mean of ``value[has_both]`` is the metric of :func:`evaluate`.
+    """
+    users, labels, scores = _as_arrays(users, labels, scores)
+    ids, group = np.unique(users, return_inverse=True)
+    group = group.reshape(-1)
+    if metric == "uauc":
+        values, has_both = _per_group_auc(group, labels, scores, len(ids))
+        return ids, values, has_both
+    parsed = parse_ranking(metric)
+    if parsed is None:
+        raise ValueError(f"metric {metric!r} has no per-user value: expected uauc, ndcg@K, "
+                         "hr@K or recall@K (K a positive integer)")
+    values, has_both = _per_group_ranking(group, labels, scores, len(ids), (parsed[1],))
+    return ids, values[metric], has_both
+
+
 def auc(labels, scores) -> float:
     """ROC AUC; NaN if only one class is present."""
     _, labels, scores = _as_arrays(np.zeros(len(np.asarray(labels).reshape(-1))), labels, scores)
@@ -87,9 +160,7 @@ def auc(labels, scores) -> float:
 
 def user_auc(users, labels, scores) -> float:
     """Mean AUC over users with both labels (unweighted); NaN if there are none."""
-    users, labels, scores = _as_arrays(users, labels, scores)
-    _, group = np.unique(users, return_inverse=True)
-    values, has_both = _per_group_auc(group, labels, scores, group.max(initial=-1) + 1)
+    _, values, has_both = per_user(users, labels, scores, "uauc")
     return float(values[has_both].mean()) if has_both.any() else float("nan")
 
 
@@ -100,38 +171,22 @@ def logloss(labels, logits) -> float:
 
 
 def ranking_metrics(users, labels, scores, ks=DEFAULT_KS) -> dict[str, float]:
-    """``ndcg@K`` and ``hr@K`` averaged over users with both labels (see module doc)."""
+    """``ndcg@K``, ``hr@K`` and ``recall@K`` for each K in ``ks``: means over the lists (users)
+    with both labels, NaN if there are none (formulas in the module doc)."""
     users, labels, scores = _as_arrays(users, labels, scores)
-    _, group = np.unique(users, return_inverse=True)
-    num_groups = group.max(initial=-1) + 1
-    # Sort by user, score descending, and negatives before positives among ties (pessimistic).
-    order = np.lexsort((labels, -scores, group))
-    g, y = group[order], labels[order]
-    n = len(y)
-    new_group = np.r_[True, g[1:] != g[:-1]] if n else np.zeros(0, bool)
-    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
-    rank = np.arange(n) - group_start + 1  # 1-based rank within the user
-    n_pos = np.bincount(g, weights=y, minlength=num_groups)
-    n_neg = np.bincount(g, minlength=num_groups) - n_pos
-    keep = (n_pos > 0) & (n_neg > 0)
+    ids, group = np.unique(users, return_inverse=True)
+    values, keep = _per_group_ranking(group.reshape(-1), labels, scores, len(ids), ks)
     out = {}
     for k in ks:
-        in_top = (rank <= k) & (y > 0)
-        dcg = np.bincount(g, weights=in_top / np.log2(rank + 1.0), minlength=num_groups)
-        hits = np.bincount(g, weights=in_top.astype(np.float64), minlength=num_groups)
-        ideal_n = np.minimum(n_pos, k)
-        discounts = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))]
-        idcg = discounts[ideal_n.astype(np.int64)]
-        if keep.any():
-            out[f"ndcg@{k}"] = float(np.mean(dcg[keep] / idcg[keep]))
-            out[f"hr@{k}"] = float(np.mean(hits[keep] / ideal_n[keep]))
-        else:
-            out[f"ndcg@{k}"] = out[f"hr@{k}"] = float("nan")
+        for m in RANKING:
+            name = f"{m}@{k}"
+            out[name] = float(values[name][keep].mean()) if keep.any() else float("nan")
     return out
 
 
 def evaluate(users, labels, logits, ks=DEFAULT_KS) -> dict[str, float]:
-    """All metrics for one split: ``auc``, ``uauc``, ``logloss``, ``ndcg@K``, ``hr@K``."""
+    """All metrics for one split: ``auc``, ``uauc``, ``logloss``, then ``ndcg@K``, ``hr@K``,
+    ``recall@K`` for each K (the order of :data:`METRIC_NAMES` for the default ``ks``)."""
     users, labels, logits = _as_arrays(users, labels, logits)
     result = {
         "auc": auc(labels, logits),

@@ -24,7 +24,7 @@ from duet_jax.training import TrainConfig
 REAL_DATASETS = tuple(BUILDERS)  # built with TFDS from raw files
 DATASETS = ("synthetic", "authors_text", *REAL_DATASETS)
 # config.data fields that shape samples rather than the dataset itself
-SAMPLE_FIELDS = ("num_negatives", "eval_negatives", "sync_every", "min_history")
+SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig) if f.name != "seq_len")
 PROTOCOL_FIELDS = tuple(f.name for f in dataclasses.fields(ProtocolConfig))
 # config.data fields that say where files are (strings; "" = the default place)
 REAL_SOURCE_FIELDS = ("data_dir", "tfds_dir")
@@ -248,6 +248,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         synthetic_config(config)
     elif name == "authors_text":
         text_files(config)
+        if sample_config(config).needs_history:
+            field = next(f for f in ("train_lags", "eval_lags", "eval_once")
+                         if config.data[f] != getattr(SampleConfig(), f))
+            raise ConfigError(f"config.data.{field}", config.data[field],
+                              "its default: the authors' text format keeps no full user "
+                              "sequences, so triggers cannot be rebuilt at another lag")
     else:
         protocol_config(config)
     train_config(config)
@@ -269,6 +275,8 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     for name in ("methods", "generator", "ablation", "finetune", "train", "seed",
                  *({"sasrec", "din"} - {config.model})):
         as_dict.pop(name, None)
+    for name in SampleConfig.EVAL_FIELDS:  # which evaluations to add: no retraining
+        as_dict.get("data", {}).pop(name, None)
     for name in REAL_SOURCE_FIELDS:  # where files are; the data fingerprint guards content
         as_dict.get("data", {}).pop(name, None)
 

@@ -6,18 +6,21 @@ import dataclasses
 import logging
 import os
 
+import jax
 import ml_collections
+import numpy as np
 
-from duet_jax import adaptation, cache, finetune
+from duet_jax import adaptation, cache, files, finetune
+from duet_jax import metrics as metrics_lib
 from duet_jax.data import authors_format, datasets
 from duet_jax.data.cache import cached_splits
-from duet_jax.data.samples import Splits
+from duet_jax.data.samples import Splits, with_trigger
 from duet_jax.data.synthetic import build_synthetic
 from duet_jax.duet import Duet
-from duet_jax.methods import get_method, method_spec
-from duet_jax.metrics import METRIC_NAMES
+from duet_jax.methods import get_method, method_spec, score_at_test_time
+from duet_jax.metrics import METRIC_NAMES, METRICS_VERSION
 from duet_jax.models import get_model
-from duet_jax.training import TrainResult, train_and_evaluate
+from duet_jax.training import TrainResult, predict, train_and_evaluate
 from experiments import config as config_lib
 
 ROW_KEYS = ("model", "method", *METRIC_NAMES, "seed")
@@ -35,7 +38,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     if name == "synthetic":
         return build_synthetic(config_lib.synthetic_config(config), samples, seed)
     cache_dir = os.path.join(workdir, "data") if workdir else None
-    key = {"dataset": name, "seed": seed, "samples": dataclasses.asdict(samples)}
+    key = {"dataset": name, "seed": seed, "samples": samples.build_fields()}
     if name == "authors_text":
         files = config_lib.text_files(config)
         key["files"] = {k: _file_identity(v) for k, v in files.items()}
@@ -79,9 +82,11 @@ def _row(model_name: str, method: str, config, test: dict, val: dict, **extra) -
     }
 
 
-def _run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) -> dict:
-    """The fine-tuning baseline; its result is stored in ``run_dir/result.json`` and reused
-    when the same Base parameters, data and fine-tuning config come again."""
+def run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) -> dict:
+    """The fine-tuning baseline as a JSON-able dict (plus ``test_logits [N_test]``).
+
+    Stored in ``run_dir/result.json`` (test logits beside it in ``test_logits.npy``) and
+    reused when the same Base parameters, data and fine-tuning config come again."""
     ft_config = config_lib.finetune_config(config)
     identity = {
         "finetune": {k: v for k, v in dataclasses.asdict(ft_config).items() if k != "progress"},
@@ -90,22 +95,51 @@ def _run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) 
         "model": model.name,
         # 0 steps reuses Base's predictions, which are exact only at Base's batch size
         "eval_batch_size": config.train.eval_batch_size,
+        "metrics_version": METRICS_VERSION,  # hr@K changed meaning in version 2
     }
     path = os.path.join(run_dir, "result.json")
+    logits_path = os.path.join(run_dir, "test_logits.npy")
     stored = cache.load_record(path, identity)
-    if stored is not None:
-        return stored
+    if stored is not None and stored.get("test_logits_sha256") and os.path.isfile(logits_path):
+        test_logits = np.load(logits_path)
+        if cache.arrays_digest(test_logits) == stored["test_logits_sha256"]:
+            return {**stored, "test_logits": test_logits}
     result = finetune.finetune_and_evaluate(model, base_params, data, ft_config,
                                             eval_batch_size=config.train.eval_batch_size)
     out = dataclasses.asdict(result)
-    cache.save_record(path, identity, out)
-    return out
+    test_logits = np.asarray(out.pop("test_logits"), np.float32)
+    out["test_logits_sha256"] = cache.arrays_digest(test_logits)
+    with files.atomic_file(logits_path, "wb") as f:
+        np.save(f, test_logits)
+    cache.save_record(path, identity, out)  # last: it vouches for the logits file
+    return {**out, "test_logits": test_logits}
 
 
 def duet_variant(config: ml_collections.ConfigDict, model, name: str) -> tuple[Duet, str]:
     """The :class:`Duet` of DUET method ``name`` and its training mode."""
     options = config_lib.duet_options(config, name)
     return Duet.create(model, **options.generator_kwargs()), options.training
+
+
+def build_method(config: ml_collections.ConfigDict, model, name: str,
+                 base_params: dict | None = None):
+    """The trainable :class:`~duet_jax.methods.Method` of ``name`` with its generator options
+    from the config (a DUET variant's own, or, for a control sized like DUET such as
+    ``base_wide``, those of the DUET method it is matched to)."""
+    spec = method_spec(name)
+    options = {}
+    if spec.uses_generator:
+        duet_options = config_lib.duet_options(config, name)
+        options = {"training": duet_options.training, **duet_options.generator_kwargs()}
+    elif spec.generator_of:
+        options = config_lib.duet_options(config, spec.generator_of).generator_kwargs()
+    return get_method(name, model, base_params=base_params, **options)
+
+
+def reads_trigger(name: str) -> bool:
+    """Whether trained method ``name`` reads ``trigger_seq`` (so a stale trigger matters)."""
+    spec = method_spec(name)
+    return spec.uses_generator or spec.generator_of is not None
 
 
 def train_method(
@@ -125,14 +159,13 @@ def train_method(
     the digest of the ``base_params`` it starts from.
     """
     run_config = dict(config_lib.run_identity(config) if identity is None else identity)
-    options = {}
-    if method_spec(name).uses_generator:
-        duet_options = config_lib.duet_options(config, name)
-        options = {"training": duet_options.training, **duet_options.generator_kwargs()}
+    method = build_method(config, model, name, base_params)
+    spec = method_spec(name)
+    if spec.uses_generator or spec.generator_of:
+        duet_options = config_lib.duet_options(config, spec.generator_of or name)
         run_config["generator"] = dataclasses.asdict(duet_options)
-        if duet_options.training == "two_stage":
+        if spec.uses_generator and duet_options.training == "two_stage":
             run_config["base_params"] = cache.arrays_digest(base_params)
-    method = get_method(name, model, base_params=base_params, **options)
     logging.info("training %s/%s in %s", model.name, name, run_dir)
     return train_and_evaluate(
         method,
@@ -170,17 +203,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
     data = load_data(config, workdir) if data is None else data
     model = get_model(config_lib.model_name(config),
                       config_lib.model_config(config, data.num_items))
-    names = list(config_lib.methods(config))
-    if needs_base(config, names):
-        names = ["base", *(n for n in names if n != "base")]
+    names = run_order(config, list(config_lib.methods(config)))
     group_size = config_lib.finetune_config(config).group_size
-    rows, base_params = [], None
+    variants = config_lib.sample_config(config).trigger_variants()
+    rows, base_params, trained = [], None, {}
     for name in names:
         run_dir = os.path.join(workdir, name)
         spec = method_spec(name)
+        if spec.kind == "test_time":  # scores a trained DUET another way; trains nothing
+            duet = duet_variant(config, model, spec.evaluates)[0]
+            score = {split: metrics_lib.evaluate(
+                getattr(data, split).user, getattr(data, split).label,
+                score_at_test_time(name, duet, trained[spec.evaluates], getattr(data, split),
+                                   reference=data.train, seed=config.seed,
+                                   batch_size=config.train.eval_batch_size))
+                for split in ("val", "test")}
+            rows.append(_row(model.name, name, config, score["test"], score["val"]))
+            continue
         if spec.kind == "on_device":  # adapts Base on each device; nothing to train
             logging.info("fine-tuning %s on each device in %s", model.name, run_dir)
-            ft = _run_finetune(model, base_params, data, config, run_dir)
+            ft = run_finetune(model, base_params, data, config, run_dir)
             rows.append(_row(model.name, name, config, ft["test"], ft["val"],
                              finetune_learning_rate=ft["learning_rate"],
                              finetune_steps=ft["steps"],
@@ -195,7 +237,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
                 duet_variant(config, model, name)[0], result.params, data.test,
                 data.num_users, group_size,
             )
+        trained[name] = result.params
         rows.append(_row(model.name, name, config, result.test, result.val,
                          best_epoch=result.best_epoch, train_steps=result.steps,
                          train_seconds=round(result.train_seconds, 2), **extra))
+        if variants and reads_trigger(name):  # the deployment protocol's other triggers
+            logits_fn = jax.jit(build_method(config, model, name, base_params).logits)
+            for variant, mode, lag in variants:
+                test = with_trigger(data, "test", mode=mode, lag=lag)
+                scores = metrics_lib.evaluate(test.user, test.label, predict(
+                    logits_fn, result.params, test, config.train.eval_batch_size))
+                rows.append(_row(model.name, f"{name}@{variant}", config, scores,
+                                 result.val, trigger=variant))
     return rows
+
+
+def run_order(config: ml_collections.ConfigDict, names: list[str]) -> list[str]:
+    """``names`` with what others start from first: Base before fine-tuning and two-stage
+    DUET, and the DUET method a test-time control scores before that control."""
+    if needs_base(config, names):
+        names = ["base", *(n for n in names if n != "base")]
+    for name in list(names):
+        target = method_spec(name).evaluates
+        if target and target not in names[: names.index(name)]:
+            names = [n for n in names if n != target]
+            names.insert(names.index(name), target)
+    return names

@@ -104,15 +104,36 @@ def cell_dir(workdir: str, dataset_spec: str, model: str, seed: int) -> str:
     return os.path.join(workdir, "cells", dataset_spec.replace(":", "_"), model, f"seed{seed}")
 
 
+# config.data fields added after the committed cells were made, with the values that make
+# exactly the samples made before they existed (tests/data/test_samples.py checks that the
+# defaults reproduce the old arrays): a cell at these values keeps its identity.
+LATER_DATA_FIELDS = {"train_lags": [0], "eval_lags": [], "eval_once": False}
+
+
 def cell_identity(config) -> dict:
     """What a cell's results depend on: the config less the method list (checked row by row),
     progress bars and file locations."""
     identity = cache.canonical(config.to_dict())
+    for name, default in LATER_DATA_FIELDS.items():  # see LATER_DATA_FIELDS
+        if identity["data"].get(name) == default:
+            identity["data"].pop(name)
     identity.pop("methods", None)
     identity["train"].pop("progress", None)
     for name in config_lib.REAL_SOURCE_FIELDS:
         identity["data"].pop(name, None)
     return identity
+
+
+def legacy_metrics(row: dict) -> dict:
+    """A row as today's metric names read it. Rows stored before ``recall@K`` existed hold
+    under ``hr@K`` what is now ``recall@K`` (hits / min(K, positives)); today's ``hr@K``
+    (a 0/1 hit) was not computed for them, so it is None."""
+    if any(k.startswith("hr@") for k in row) and not any(k.startswith("recall@") for k in row):
+        row = dict(row)
+        for key in [k for k in row if k.startswith("hr@")]:
+            row["recall@" + key[3:]] = row.pop(key)
+            row[key] = None
+    return row
 
 
 def load_cell(path: str, identity: dict, methods: tuple[str, ...],
@@ -122,7 +143,7 @@ def load_cell(path: str, identity: dict, methods: tuple[str, ...],
     stored = cache.load_record(os.path.join(path, "rows.json"), identity, key="rows")
     if stored is None:
         return None
-    rows = [r for r in stored if r["method"] in methods]
+    rows = [legacy_metrics(r) for r in stored if r["method"] in methods]
     complete = {r["method"] for r in rows} == set(methods)
     return rows if complete or (partial and rows) else None
 

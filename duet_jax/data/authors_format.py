@@ -8,6 +8,11 @@ One sample per line, five fields separated by ``;``::
 Sequences are comma-separated item ids, oldest first, right-padded with 0 (the authors' code
 reads them with ``np.fromstring(..., sep=",")``); ``label`` is 0 or 1. Sequences of any
 length are accepted and fitted to ``seq_len`` by keeping the latest items.
+
+The format holds each sample's sequences but not the users' full item sequences, so the
+deployment protocol's rebuilt triggers (sync lag, once per device;
+:func:`duet_jax.data.samples.with_trigger`) are not available for it: the splits have no
+``history`` and ``with_trigger`` raises a DataError naming ``authors_text``.
 """
 
 from __future__ import annotations
@@ -145,4 +150,11 @@ def load_splits(
     parts = (train, val, test)
     num_items = max(int(max(s.target.max(), s.click_seq.max(), s.trigger_seq.max())) for s in parts)
     num_users = max(int(s.user.max()) for s in parts) + 1
-    return Splits(train=train, val=val, test=test, num_users=num_users, num_items=num_items)
+    return Splits(
+        train=train,
+        val=val,
+        test=test,
+        num_users=num_users,
+        num_items=num_items,
+        info={"dataset": "authors_text"},  # named by with_trigger's error (no history here)
+    )

@@ -1,8 +1,10 @@
 """Prepared samples cached on disk, keyed by everything that shaped them.
 
 A second run with the same dataset, protocol, sample config and seed loads the arrays
-instead of rebuilding them. The file is written under a temporary name and renamed, so an
-interrupted write never leaves a cache a later run would trust.
+instead of rebuilding them: every split's arrays and row positions, and the users' full
+sequences (``Splits.history``) that :func:`duet_jax.data.samples.with_trigger` reads.
+The file is written under a temporary name and renamed, so an interrupted write never
+leaves a cache a later run would trust.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from duet_jax.cache import canonical, json_digest
-from duet_jax.data.samples import SPLITS, SampleSet, Splits
+from duet_jax.data.samples import SPLITS, History, SampleSet, Splits
 from duet_jax.files import atomic_file
 
-FORMAT = 1  # bump when the cached layout changes
+FORMAT = 2  # bump when the cached layout changes (2: row positions and history)
 
 
 def cache_path(cache_dir: str, key: dict[str, Any]) -> str:
@@ -27,17 +29,24 @@ def cache_path(cache_dir: str, key: dict[str, Any]) -> str:
 
 
 def save(path: str, splits: Splits, key: dict[str, Any]) -> None:
-    arrays = {
-        f"{name}.{field}": array
-        for name in SPLITS
-        for field, array in getattr(splits, name).arrays().items()
-    }
+    arrays = {}
+    for name in SPLITS:
+        samples = getattr(splits, name)
+        arrays.update({f"{name}.{field}": a for field, a in samples.arrays().items()})
+        if samples.position is not None:
+            arrays[f"{name}.position"] = samples.position
+    history = splits.history
+    if history is not None:
+        arrays.update({f"history.{f}": getattr(history, f) for f in History.ARRAYS})
     meta = {
         "format": FORMAT,
         "key": canonical(key),
         "num_users": splits.num_users,
         "num_items": splits.num_items,
         "info": splits.info,
+        "history": None
+        if history is None
+        else {"min_history": history.min_history, "sync_every": history.sync_every},
     }
     with atomic_file(path, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
@@ -52,10 +61,21 @@ def load(path: str, key: dict[str, Any]) -> Splits | None:
         if meta.get("format") != FORMAT or meta.get("key") != canonical(key):
             return None
         parts = {
-            name: SampleSet(**{f: z[f"{name}.{f}"] for f in SampleSet.FIELDS}) for name in SPLITS
+            name: SampleSet(
+                **{f: z[f"{name}.{f}"] for f in SampleSet.FIELDS},
+                position=z[f"{name}.position"] if f"{name}.position" in z.files else None,
+            )
+            for name in SPLITS
         }
+        history = None
+        if meta["history"] is not None:
+            history = History(**{f: z[f"history.{f}"] for f in History.ARRAYS}, **meta["history"])
     return Splits(
-        **parts, num_users=meta["num_users"], num_items=meta["num_items"], info=meta["info"]
+        **parts,
+        num_users=meta["num_users"],
+        num_items=meta["num_items"],
+        info=meta["info"],
+        history=history,
     )
 
 

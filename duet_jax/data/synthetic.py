@@ -183,7 +183,10 @@ def generate_fleet(config: SyntheticConfig, seed: int) -> Fleet:
 
 
 def build_synthetic(config: SyntheticConfig, samples: SampleConfig, seed: int) -> Splits:
-    """The synthetic fleet as train/val/test samples; device-test = each device period."""
+    """The synthetic fleet as train/val/test samples; device-test = each device period.
+    The splits keep the full sequences, so :func:`duet_jax.data.samples.with_trigger` can
+    rebuild device-test triggers (``"once"``: each device's cloud period, its items before
+    ``cloud_len``)."""
     fleet = generate_fleet(config, seed)
     return build_samples(
         fleet.sequences, fleet.val_start, fleet.cloud_len, fleet.num_items, samples, seed + 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from duet_jax.data import cache
-from duet_jax.data.samples import SampleConfig, build_samples
+from duet_jax.data.samples import SampleConfig, build_samples, with_trigger
 
 
 def splits():
@@ -42,3 +42,33 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cache.cached_splits(str(tmp_path), {"dataset": "toy"}, splits)
     assert os.listdir(tmp_path) == []
+
+
+def test_cache_keeps_what_with_trigger_needs(tmp_path):
+    """Positions and users' full sequences round-trip, so a loaded split rebuilds the same
+    lagged and once-per-device triggers as the freshly built one."""
+    key = {"dataset": "toy"}
+    built = cache.cached_splits(str(tmp_path), key, splits)
+    loaded = cache.cached_splits(str(tmp_path), key, lambda: pytest.fail("rebuilt"))
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(loaded, name).position, getattr(built, name).position)
+    for field in ("items", "offsets", "val_start", "test_start", "min_history", "sync_every"):
+        np.testing.assert_array_equal(getattr(loaded.history, field), getattr(built.history, field))
+    for mode, lag in (("lag", 0), ("lag", 2), ("once", 0)):
+        np.testing.assert_array_equal(
+            with_trigger(loaded, "test", mode, lag).trigger_seq,
+            with_trigger(built, "test", mode, lag).trigger_seq,
+        )
+
+
+def test_splits_without_history_round_trip(tmp_path):
+    def bare():
+        out = splits()
+        out.history = None
+        out.test.position = None
+        return out
+
+    loaded = cache.cached_splits(str(tmp_path), {"dataset": "toy"}, bare)
+    loaded = cache.cached_splits(str(tmp_path), {"dataset": "toy"}, bare)
+    assert loaded.history is None and loaded.test.position is None
+    assert loaded.train.position is not None

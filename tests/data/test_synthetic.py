@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from duet_jax.data.samples import SampleConfig
+from duet_jax.data.samples import SampleConfig, with_trigger
 from duet_jax.data.synthetic import SyntheticConfig, build_synthetic, generate_fleet
 from duet_jax.errors import ConfigError
 
@@ -88,6 +88,22 @@ def test_build_synthetic_splits_device_period_as_test():
     n_device = sum(len(s) - c for s, c in zip(fleet.sequences, fleet.cloud_len, strict=True))
     assert splits.stats()["test_positives"] == n_device
     assert splits.num_users == SMALL.num_users
+
+
+def test_once_per_device_trigger_is_the_cloud_period():
+    splits = build_synthetic(SMALL, SampleConfig(seq_len=6), seed=0)
+    fleet = generate_fleet(SMALL, 0)
+    once = with_trigger(splits, "test", "once")
+    for u in range(0, SMALL.num_users, 17):
+        cloud = fleet.sequences[u][: fleet.cloud_len[u]]
+        assert np.all(once.trigger_seq[once.user == u] == cloud[-6:])  # cloud_len >= 15 > 6
+    lag3 = with_trigger(splits, "test", "lag", 3)
+    np.testing.assert_array_equal(lag3.click_seq, splits.test.click_seq)
+    p = np.flatnonzero(lag3.label == 1)
+    t = lag3.position[p]
+    seq = [fleet.sequences[u] for u in lag3.user[p]]
+    expected = np.stack([s[i - 3 - 6 : i - 3] for s, i in zip(seq, t, strict=True)])
+    np.testing.assert_array_equal(lag3.trigger_seq[p], expected)  # t - 3 >= 12 > 6 items
 
 
 @pytest.mark.parametrize(

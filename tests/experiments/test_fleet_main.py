@@ -35,11 +35,12 @@ def _logits_atol(config: dict) -> float:
     return float(tol.f32_pair_atol(n, tol.MODEL_SCALE))
 
 
-METRICS = ("auc", "uauc", "logloss")  # and every ndcg@K, hr@K
+METRICS = ("auc", "uauc", "logloss")  # and every ndcg@K, hr@K, recall@K
+RANKING = ("ndcg@", "hr@", "recall@")
 
 
 def _metrics(total: dict) -> dict:
-    return {k: v for k, v in total.items() if k in METRICS or k.startswith(("ndcg@", "hr@"))}
+    return {k: v for k, v in total.items() if k in METRICS or k.startswith(RANKING)}
 
 
 def test_fleet_job_writes_records_totals_table_and_plots(tmp_path):

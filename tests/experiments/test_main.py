@@ -31,10 +31,13 @@ ROW_KEYS = {
     "logloss",
     "ndcg@5",
     "hr@5",
+    "recall@5",
     "ndcg@10",
     "hr@10",
+    "recall@10",
     "ndcg@20",
     "hr@20",
+    "recall@20",
     "seed",
 }
 

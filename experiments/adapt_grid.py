@@ -1,0 +1,117 @@
+"""Does DUET adapt devices? The grid of controls, deployment variants and paired statistics.
+
+    python -m experiments.adapt_grid --datasets=movielens_100k,amazon_cds,amazon_beauty \\
+        --models=sasrec,gru4rec,din --seeds=3 --workdir=results/adaptation
+
+Every (dataset, model, seed) *cell* (:mod:`experiments.adapt_cell`) trains Base, the
+capacity-matched ``base_wide`` and DUET with early stopping and a learning rate chosen on
+validation, fine-tunes Base on every device (head and all parameters), and scores
+device-test per request at each sync lag, once per device, and under the shuffled-trigger
+and mean-z controls. Evaluation negatives are drawn with the cell's seed.
+
+Outputs in ``--workdir``: per cell ``cells/<dataset>/<model>/seed<k>/cell.json`` and
+``predictions.npz`` (every per-row logit); ``adaptation.{md,json}`` (the table with paired
+per-user bootstrap CIs), ``lags.png`` (AUC vs sync lag) and ``drift.png`` (DUET's gain by
+drift quartile). The command resumes: finished cells are reused when their config matches,
+and an interrupted cell resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+from absl import app, flags
+
+from duet_jax import cache
+from experiments import adapt_cell, adapt_report, cli, experiment, report
+from experiments import config as config_lib
+from experiments.paper_table import apply_overrides
+
+_DATASETS = flags.DEFINE_list("datasets", ["movielens_100k", "amazon_cds", "amazon_beauty"],
+                              "Datasets (config names in experiments/configs).")
+_MODELS = flags.DEFINE_list("models", ["sasrec", "gru4rec", "din"], "Device models.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..seeds-1 per (dataset, model).")
+_FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "Run seeds first_seed..seeds-1 only.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/adaptation", "Output directory.")
+_LRS = flags.DEFINE_list("learning_rates", ["1e-3", "3e-3"],
+                         "Learning rates tried for Base, base_wide and DUET (chosen on val).")
+_MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 30, "Epoch budget; early stopping ends sooner.")
+_PATIENCE = flags.DEFINE_integer("patience", 3, "Epochs without validation gain before stopping.")
+_LAGS = flags.DEFINE_list("lags", ["0", "5", "20"], "Sync lags scored on device-test.")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples per comparison.")
+_SET = flags.DEFINE_multi_string("set", [], "Config override for every cell (repeatable).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False,
+                                 "Only rebuild the report from finished cells; train nothing.")
+
+
+def cell_config(dataset: str, model: str, seed: int, overrides: list[str]):
+    """The experiment config of one cell: the dataset's full config (no ``:quick``), early
+    stopping, evaluation negatives drawn with the cell's seed."""
+    try:
+        module = importlib.import_module(f"experiments.configs.{dataset}")
+    except ModuleNotFoundError:
+        raise app.UsageError(f"--datasets: no config experiments/configs/{dataset}.py") from None
+    config = module.get_config()
+    config.model = model
+    config.seed = seed
+    config.data.seed = seed  # negatives resampled per seed
+    config.methods = "base,duet"
+    config.train.num_epochs = _MAX_EPOCHS.value
+    config.train.patience = _PATIENCE.value
+    config.train.progress = False
+    apply_overrides(config, overrides)
+    config_lib.validate(config)
+    return config
+
+
+def cell_options() -> adapt_cell.CellOptions:
+    try:
+        return adapt_cell.CellOptions(learning_rates=tuple(float(v) for v in _LRS.value),
+                                      lags=tuple(int(v) for v in _LAGS.value))
+    except ValueError as err:
+        raise app.UsageError(f"--learning_rates/--lags: {err}") from None
+
+
+def main(argv):
+    cli.start(argv)
+    workdir = _WORKDIR.value
+    options = cell_options()
+    cells = [(d, m, s) for d in _DATASETS.value for m in _MODELS.value
+             for s in range(_FIRST_SEED.value, _SEEDS.value)]
+    configs = {c: cell_config(*c, _SET.value) for c in cells}  # fail early on bad input
+    done, missing = {}, []
+    for dataset, model, seed in cells:
+        config = configs[(dataset, model, seed)]
+        path = os.path.join(workdir, "cells", dataset, model, f"seed{seed}")
+        identity = {"config": config.to_dict(), "options": options.__dict__,
+                    "protocol": adapt_cell.PROTOCOL_VERSION}
+        record = cache.load_record(os.path.join(path, "cell.json"), identity, key="cell")
+        if record is None and not _REPORT_ONLY.value:
+            print(f"cell {dataset} / {model} / seed {seed}", flush=True)
+            started = time.perf_counter()
+            data = experiment.load_data(config, workdir)
+            record = adapt_cell.run_cell(config, path, data, options)
+            cache.save_record(os.path.join(path, "cell.json"), identity, record, key="cell",
+                              wall_seconds=round(time.perf_counter() - started, 1),
+                              environment=report.environment())
+        if record is None:
+            missing.append(f"{dataset} / {model} / seed {seed}")
+            continue
+        done[(dataset, model, seed)] = (path, record)
+    command = "python -m experiments.adapt_grid " + " ".join(
+        f"--{n}={','.join(v) if isinstance(v, list) else v}"
+        for n, v in (("datasets", _DATASETS.value), ("models", _MODELS.value),
+                     ("seeds", _SEEDS.value), ("workdir", workdir),
+                     ("learning_rates", _LRS.value), ("max_epochs", _MAX_EPOCHS.value),
+                     ("patience", _PATIENCE.value), ("lags", _LAGS.value))
+    ) + "".join(f" --set={s}" for s in _SET.value)
+    text = adapt_report.write_report(workdir, done, missing, command, _BOOTSTRAP.value)
+    print(text)
+
+
+run = cli.entry_point(main)  # the console script
+
+if __name__ == "__main__":
+    run()

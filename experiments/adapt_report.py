@@ -1,0 +1,191 @@
+"""The report of the adaptation grid: a table with paired per-user bootstrap CIs, AUC vs sync
+lag, and DUET's gain by device drift quartile (:mod:`experiments.adapt_grid`)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from duet_jax import drift, files, metrics, stats
+from experiments import report
+
+# (label, scores a, scores b): each compared on the same device-test rows
+COMPARISONS = (
+    ("DUET vs Base", "duet/lag0", "base/lag0"),
+    ("DUET vs base_wide (capacity)", "duet/lag0", "base_wide/lag0"),
+    ("DUET vs shuffled trigger", "duet/lag0", "duet_shuffled/lag0"),
+    ("DUET vs one mean z", "duet/lag0", "duet_mean/lag0"),
+    ("DUET-once vs fine-tuning (head)", "duet/once", "finetune_head/once"),
+    ("DUET-once vs fine-tuning (all)", "duet/once", "finetune_all/once"),
+)
+# rows of the metrics table: what each device is served
+SERVED = ("base/lag0", "base_wide/lag0", "duet/lag0", "duet/once", "finetune_head/once",
+          "finetune_all/once", "duet_shuffled/lag0", "duet_mean/lag0")
+
+
+def load_predictions(cell_path: str) -> dict[str, np.ndarray]:
+    """A cell's ``predictions.npz`` as ``{"user", "label", "drift", "<method>/<variant>"}``."""
+    with np.load(os.path.join(cell_path, "predictions.npz")) as z:
+        return {k.replace("__", "/"): z[k] for k in z.files}
+
+
+def per_user_auc(user: np.ndarray, label: np.ndarray, scores: np.ndarray,
+                 num_users: int) -> np.ndarray:
+    """``[num_users]`` AUC of each user's own rows (NaN without both labels or rows)."""
+    ids, values, has_both = metrics.per_user(user, label, scores, "uauc")
+    out = np.full(num_users, np.nan)
+    out[ids] = np.where(has_both, values, np.nan)
+    return out
+
+
+def cell_statistics(preds: dict[str, np.ndarray], num_resamples: int, seed: int) -> dict:
+    """Paired bootstrap CIs of every comparison, lag curve points and drift quartiles."""
+    user, label = preds["user"], preds["label"]
+    out = {"comparisons": {}, "lags": {}, "drift": {}}
+    for name, a, b in COMPARISONS:
+        if a in preds and b in preds:
+            out["comparisons"][name] = stats.paired_bootstrap(
+                user, label, preds[a], preds[b], metric="auc", num_resamples=num_resamples,
+                seed=seed)
+    for key, value in preds.items():
+        method, _, variant = key.partition("/")
+        if variant.startswith("lag"):
+            out["lags"].setdefault(method, {})[int(variant[3:])] = metrics.auc(label, value)
+    num_users = int(user.max()) + 1
+    per_user = {k: per_user_auc(user, label, preds[k], num_users)
+                for k in ("duet/lag0", "base/lag0", "base_wide/lag0") if k in preds}
+    scores = preds["drift"]
+    if "duet/lag0" in per_user:
+        for other in ("base/lag0", "base_wide/lag0"):
+            if other in per_user:
+                out["drift"][other.split("/")[0]] = drift.quartile_gains(
+                    scores, per_user["duet/lag0"], per_user[other])
+    return out
+
+
+def _fmt(values: list[float]) -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "–"
+    sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.4f} ± {sd:.4f}"
+
+
+def write_report(workdir: str, done: dict, missing: list[str], command: str,
+                 num_resamples: int) -> str:
+    """Write ``adaptation.{md,json}``, ``lags.png`` and ``drift.png``; return the markdown."""
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    cells = []
+    for (dataset, model, seed), (path, record) in sorted(done.items()):
+        cell_stats = cell_statistics(load_predictions(path), num_resamples, seed)
+        groups[(dataset, model)].append((seed, record, cell_stats))
+        cells.append({"dataset": dataset, "model": model, "seed": seed,
+                      "metrics": record["metrics"], "selection": record["selection"],
+                      "finetune": record["finetune"], "params": record["params"],
+                      **cell_stats})
+    lines = ["# Does DUET adapt devices?", "", f"Command: `{command}`", ""]
+    if missing:
+        lines += [f"**Missing cells ({len(missing)})**: " + "; ".join(missing), ""]
+    lines += ["## Device-test AUC (mean ± sd over seeds)", "",
+              "| dataset | model | seeds | " + " | ".join(SERVED) + " |",
+              "|---|---|---|" + "---|" * len(SERVED)]
+    for (dataset, model), entries in sorted(groups.items()):
+        cols = [_fmt([r["metrics"].get(k, {}).get("auc") for _, r, _ in entries])
+                for k in SERVED]
+        lines.append(f"| {dataset} | {model} | {len(entries)} | " + " | ".join(cols) + " |")
+    lines += ["", "## Paired per-user bootstrap: AUC difference [95% CI], per seed", "",
+              "A `*` marks a CI that excludes 0.", "",
+              "| dataset | model | seed | " + " | ".join(c[0] for c in COMPARISONS) + " |",
+              "|---|---|---|" + "---|" * len(COMPARISONS)]
+    wins = defaultdict(lambda: [0, 0])
+    for (dataset, model), entries in sorted(groups.items()):
+        for seed, _, s in entries:
+            cols = []
+            for name, _, _ in COMPARISONS:
+                c = s["comparisons"].get(name)
+                if c is None:
+                    cols.append("–")
+                    continue
+                significant = c["lo"] > 0 or c["hi"] < 0
+                wins[name][0] += int(c["lo"] > 0)
+                wins[name][1] += 1
+                cols.append(f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
+                            + ("*" if significant else ""))
+            lines.append(f"| {dataset} | {model} | {seed} | " + " | ".join(cols) + " |")
+    lines += ["", "Cells where the first method wins with a CI above 0: "
+              + "; ".join(f"{n}: {w}/{t}" for n, (w, t) in wins.items()), ""]
+    _lag_plot(workdir, groups)
+    _drift_plot(workdir, groups)
+    lines += ["![AUC vs sync lag](lags.png)", "", "![DUET gain by drift quartile](drift.png)", ""]
+    text = "\n".join(lines)
+    files.write_text_atomic(os.path.join(workdir, "adaptation.md"), text)
+    files.write_text_atomic(os.path.join(workdir, "adaptation.json"), files.dumps(
+        {"command": command, "missing": missing, "cells": cells,
+         "environment": report.environment()}))
+    return text
+
+
+def _panels(n: int):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.remove()  # no empty panels
+    return fig, axes.flat
+
+
+def _lag_plot(workdir: str, groups: dict) -> None:
+    if not groups:
+        return
+    fig, axes = _panels(len(groups))
+    for ax, ((dataset, model), entries) in zip(axes, sorted(groups.items()), strict=False):
+        for method, style in (("duet", "o-"), ("base_wide", "s--"), ("base", "k:")):
+            lags = sorted({k for _, _, s in entries for k in s["lags"].get(method, {})})
+            if not lags:
+                continue
+            means = [np.mean([s["lags"][method][k] for _, _, s in entries
+                              if k in s["lags"].get(method, {})]) for k in lags]
+            if method == "base":  # reads no trigger: one value for every lag
+                ax.axhline(means[0], color="k", ls=":", label="Base")
+            else:
+                ax.plot(lags, means, style, label=method)
+        for key, color in (("duet/once", "C3"), ("finetune_head/once", "C2"),
+                           ("finetune_all/once", "C4")):
+            values = [r["metrics"][key]["auc"] for _, r, _ in entries if key in r["metrics"]]
+            if values:
+                ax.axhline(np.mean(values), color=color, ls="-.", lw=1, label=key)
+        ax.set_title(f"{dataset} / {model}")
+        ax.set_xlabel("sync lag k (positions since the device's last sync)")
+        ax.set_ylabel("device-test AUC")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "lags.png"), dpi=110)
+    plt.close(fig)
+
+
+def _drift_plot(workdir: str, groups: dict) -> None:
+    if not groups:
+        return
+    fig, axes = _panels(len(groups))
+    for ax, ((dataset, model), entries) in zip(axes, sorted(groups.items()), strict=False):
+        for other, color in (("base", "C0"), ("base_wide", "C1")):
+            quarts = [s["drift"].get(other) for _, _, s in entries if s["drift"].get(other)]
+            if not quarts:
+                continue
+            mean = [np.nanmean([q[i]["gain_mean"] for q in quarts]) for i in range(4)]
+            ax.plot([1, 2, 3, 4], mean, "o-", color=color, label=f"DUET − {other}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks([1, 2, 3, 4])
+        ax.set_title(f"{dataset} / {model}")
+        ax.set_xlabel("device drift quartile (1 = least drift)")
+        ax.set_ylabel("mean per-user AUC gain")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "drift.png"), dpi=110)
+    plt.close(fig)
