@@ -27,7 +27,7 @@ from absl import app, flags
 from duet_jax import cache
 from experiments import adapt_cell, adapt_report, cli, experiment, report
 from experiments import config as config_lib
-from experiments.paper_table import apply_overrides
+from experiments.config import apply_overrides
 
 _DATASETS = flags.DEFINE_list("datasets", ["movielens_100k", "amazon_cds", "amazon_beauty"],
                               "Datasets (config names in experiments/configs).")

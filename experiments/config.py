@@ -6,6 +6,7 @@ command line (``config.train.learning_rate``), before any data is prepared.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from typing import Any
 
@@ -288,3 +289,32 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
         return v
 
     return plain(as_dict)
+
+
+def parse_value(text: str):
+    """A Python literal (``4``, ``1e-3``, ``(1, 5)``, ``True``) or else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Apply ``--set`` overrides ``field.path=value`` (a Python literal or a string); an
+    unknown field or a value of the wrong type raises :class:`ConfigError` naming it."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError("--set", item, "FIELD=VALUE, e.g. train.num_epochs=4")
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if hasattr(node, "get") else None
+            if node is None:
+                break
+        if node is None or not hasattr(node, "get") or leaf not in node:
+            raise ConfigError(f"--set {path}", text, "a field of the config (no such field)")
+        try:
+            setattr(node, leaf, parse_value(text))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"config.{path}", text, str(err)) from None

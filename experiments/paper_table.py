@@ -17,7 +17,6 @@ resumes from its orbax checkpoints.
 
 from __future__ import annotations
 
-import ast
 import importlib
 import json
 import os
@@ -28,6 +27,7 @@ from absl import app, flags
 from duet_jax import cache
 from experiments import cli, experiment, paper_report, report
 from experiments import config as config_lib
+from experiments.config import apply_overrides
 
 _DATASETS = flags.DEFINE_list(
     "datasets",
@@ -51,34 +51,6 @@ _REPORT_ONLY = flags.DEFINE_bool(
 
 MAIN_METHODS = "base,finetune,duet"
 ABLATIONS = ",".join(paper_report.ABLATION_METHODS[1:])
-
-
-def parse_value(text: str):
-    """A Python literal (``4``, ``1e-3``, ``(1, 5)``, ``True``) or else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def apply_overrides(config, overrides: list[str]) -> None:
-    """Apply ``field.path=value`` overrides; an unknown field or bad value names itself."""
-    for item in overrides:
-        path, sep, text = item.partition("=")
-        if not sep:
-            raise app.UsageError(f"--set={item!r}: expected FIELD=VALUE, e.g. train.num_epochs=4")
-        *parents, leaf = path.split(".")
-        node = config
-        for part in parents:
-            node = node.get(part) if hasattr(node, "get") else None
-            if node is None:
-                raise app.UsageError(f"--set={item!r}: config has no field {path!r}")
-        if leaf not in node:
-            raise app.UsageError(f"--set={item!r}: config has no field {path!r}")
-        try:
-            setattr(node, leaf, parse_value(text))
-        except (TypeError, ValueError) as err:
-            raise app.UsageError(f"--set={item!r}: {err}") from None
 
 
 def cell_config(dataset_spec: str, model: str, seed: int, ablation: bool, overrides: list[str]):

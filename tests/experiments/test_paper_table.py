@@ -70,7 +70,7 @@ def test_paper_table_runs_cells_summarises_and_resumes(tmp_path):
 
 @pytest.mark.parametrize(
     "flag, message",
-    [("--set=train.num_epoch=3", "no field 'train.num_epoch'"),
+    [("--set=train.num_epoch=3", "--set train.num_epoch='3' is invalid: expected a field"),
      ("--set=train.num_epochs", "expected FIELD=VALUE"),
      ("--datasets=nope", "no config experiments/configs/nope.py"),
      ("--set=train.learning_rate=-1", "config.train.learning_rate")],
