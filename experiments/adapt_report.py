@@ -73,8 +73,9 @@ def _fmt(values: list[float]) -> str:
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return "–"
-    sd = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.4f} ± {sd:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"  # one seed: no spread to report
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
 def write_report(workdir: str, done: dict, missing: list[str], command: str,
@@ -120,8 +121,10 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
             lines.append(f"| {dataset} | {model} | {seed} | " + " | ".join(cols) + " |")
     lines += ["", "Cells where the first method wins with a CI above 0: "
               + "; ".join(f"{n}: {w}/{t}" for n, (w, t) in wins.items()), ""]
-    _lag_plot(workdir, groups)
-    _drift_plot(workdir, groups)
+    _panel_figure(workdir, groups, "lags.png", _draw_lags,
+                  "sync lag k (positions since the device's last sync)", "device-test AUC")
+    _panel_figure(workdir, groups, "drift.png", _draw_drift,
+                  "device drift quartile (1 = least drift)", "mean per-user AUC gain")
     lines += ["![AUC vs sync lag](lags.png)", "", "![DUET gain by drift quartile](drift.png)", ""]
     text = "\n".join(lines)
     files.write_text_atomic(os.path.join(workdir, "adaptation.md"), text)
@@ -131,61 +134,53 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
     return text
 
 
-def _panels(n: int):
+def _panel_figure(workdir: str, groups: dict, filename: str, draw, xlabel: str,
+                  ylabel: str) -> None:
+    """One panel per (dataset, model) drawn by ``draw(ax, entries)``, saved as PNG (no
+    empty panels; nothing is written without a finished cell)."""
+    if not groups:
+        return
+    n = len(groups)
     cols = min(n, 3)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat[n:]:
-        ax.remove()  # no empty panels
-    return fig, axes.flat
-
-
-def _lag_plot(workdir: str, groups: dict) -> None:
-    if not groups:
-        return
-    fig, axes = _panels(len(groups))
-    for ax, ((dataset, model), entries) in zip(axes, sorted(groups.items()), strict=False):
-        for method, style in (("duet", "o-"), ("base_wide", "s--"), ("base", "k:")):
-            lags = sorted({k for _, _, s in entries for k in s["lags"].get(method, {})})
-            if not lags:
-                continue
-            means = [np.mean([s["lags"][method][k] for _, _, s in entries
-                              if k in s["lags"].get(method, {})]) for k in lags]
-            if method == "base":  # reads no trigger: one value for every lag
-                ax.axhline(means[0], color="k", ls=":", label="Base")
-            else:
-                ax.plot(lags, means, style, label=method)
-        for key, color in (("duet/once", "C3"), ("finetune_head/once", "C2"),
-                           ("finetune_all/once", "C4")):
-            values = [r["metrics"][key]["auc"] for _, r, _ in entries if key in r["metrics"]]
-            if values:
-                ax.axhline(np.mean(values), color=color, ls="-.", lw=1, label=key)
+        ax.remove()
+    for ax, ((dataset, model), entries) in zip(axes.flat, sorted(groups.items()),
+                                               strict=False):
+        draw(ax, entries)
         ax.set_title(f"{dataset} / {model}")
-        ax.set_xlabel("sync lag k (positions since the device's last sync)")
-        ax.set_ylabel("device-test AUC")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "lags.png"), dpi=110)
+    fig.savefig(os.path.join(workdir, filename), dpi=110)
     plt.close(fig)
 
 
-def _drift_plot(workdir: str, groups: dict) -> None:
-    if not groups:
-        return
-    fig, axes = _panels(len(groups))
-    for ax, ((dataset, model), entries) in zip(axes, sorted(groups.items()), strict=False):
-        for other, color in (("base", "C0"), ("base_wide", "C1")):
-            quarts = [s["drift"].get(other) for _, _, s in entries if s["drift"].get(other)]
-            if not quarts:
-                continue
+def _draw_lags(ax, entries: list) -> None:
+    for method, style in (("duet", "o-"), ("base_wide", "s--"), ("base", "k:")):
+        lags = sorted({k for _, _, s in entries for k in s["lags"].get(method, {})})
+        if not lags:
+            continue
+        means = [np.mean([s["lags"][method][k] for _, _, s in entries
+                          if k in s["lags"].get(method, {})]) for k in lags]
+        if method == "base":  # reads no trigger: one value for every lag
+            ax.axhline(means[0], color="k", ls=":", label="Base")
+        else:
+            ax.plot(lags, means, style, label=method)
+    for key, color in (("duet/once", "C3"), ("finetune_head/once", "C2"),
+                       ("finetune_all/once", "C4")):
+        values = [r["metrics"][key]["auc"] for _, r, _ in entries if key in r["metrics"]]
+        if values:
+            ax.axhline(np.mean(values), color=color, ls="-.", lw=1, label=key)
+
+
+def _draw_drift(ax, entries: list) -> None:
+    for other, color in (("base", "C0"), ("base_wide", "C1")):
+        quarts = [s["drift"].get(other) for _, _, s in entries if s["drift"].get(other)]
+        if quarts:
             mean = [np.nanmean([q[i]["gain_mean"] for q in quarts]) for i in range(4)]
             ax.plot([1, 2, 3, 4], mean, "o-", color=color, label=f"DUET − {other}")
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks([1, 2, 3, 4])
-        ax.set_title(f"{dataset} / {model}")
-        ax.set_xlabel("device drift quartile (1 = least drift)")
-        ax.set_ylabel("mean per-user AUC gain")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "drift.png"), dpi=110)
-    plt.close(fig)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks([1, 2, 3, 4])

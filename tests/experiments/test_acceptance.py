@@ -13,6 +13,7 @@ def test_default_main_job_duet_beats_base_for_sasrec(tmp_path):
         "--config=experiments/configs/synthetic.py",
         f"--workdir={tmp_path}",
         "--config.train.progress=False",
+        timeout=2400,  # ~4 minutes on 2 quiet cores; far longer when they are shared
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from duet_jax import metrics
 from experiments import adapt_cell, adapt_report, experiment
@@ -37,6 +38,7 @@ def test_main_job_runs_controls_and_scores_every_trigger_variant(tmp_path):
         assert 0.0 <= row["auc"] <= 1.0
 
 
+@pytest.mark.slow  # ~1 minute: trains 3 methods x 2 learning rates and fine-tunes twice
 def test_one_cell_and_its_report(tmp_path):
     config = _config()
     data = experiment.load_data(config)

@@ -46,7 +46,7 @@ def _no_nan(token):
     raise AssertionError(f"results.json holds {token}: not strict JSON")
 
 
-def run_module(module: str, *args, cwd=ROOT):
+def run_module(module: str, *args, cwd=ROOT, timeout: int = 600):
     """``python -m module args`` from the repository, as a user runs it."""
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
@@ -55,12 +55,12 @@ def run_module(module: str, *args, cwd=ROOT):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
 
 
-def _main(*args, cwd=ROOT):
-    return run_module("experiments.main", *args, cwd=cwd)
+def _main(*args, cwd=ROOT, timeout: int = 600):
+    return run_module("experiments.main", *args, cwd=cwd, timeout=timeout)
 
 
 @pytest.mark.parametrize("model", ["sasrec", "din"])
