@@ -16,7 +16,8 @@ What a cell does, in order:
    current history in every variant; only the generated head is stale.
 4. Scores the test-time controls of the trained DUET: ``duet_shuffled`` (every device served
    another device's head) and ``duet_mean`` (every device served one population-average z).
-5. Saves every per-row logit (``predictions.npz``), per-user drift scores, and the metrics.
+5. Saves every per-row logit (``predictions/``: one compressed file per method and variant,
+   so no file grows past a couple of MiB), per-user drift scores, and the metrics.
 
 Nothing here is reused unless it was built from the same inputs (:mod:`duet_jax.cache`).
 """
@@ -44,7 +45,7 @@ TRAINED = ("base", "base_wide", "duet")
 CONTROLS = ("duet_shuffled", "duet_mean")  # test-time controls of the trained DUET
 PROTOCOL_VERSION = 1  # bump when what a cell computes changes
 FINETUNE_MODES = ("head", "all")
-PREDICTIONS = "predictions.npz"
+PREDICTIONS = "predictions"  # folder: rows.npz (user, label, drift) + <method>__<variant>.npz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ def test_variants(data: Splits, lags: tuple[int, ...]) -> dict[str, SampleSet]:
 
 def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
              options: CellOptions) -> dict[str, Any]:
-    """Everything one cell reports; per-row logits go to ``cell_dir/predictions.npz``."""
+    """Everything one cell reports; per-row logits go to ``cell_dir/predictions/``."""
     model = get_model(config_lib.model_name(config),
                       config_lib.model_config(config, data.num_items))
     bs = config.train.eval_batch_size
@@ -135,9 +136,8 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
               for key, value in logits.items()}
     drift_score = drift.device_drift(model, trained["base"]["params"]["backbone"], data.train,
                                      test, data.num_users, data.num_items)
-    with files.atomic_file(os.path.join(cell_dir, PREDICTIONS), "wb") as f:
-        np.savez_compressed(f, user=test.user, label=test.label, drift=drift_score,
-                            **{k.replace("/", "__"): v for k, v in logits.items()})
+    save_predictions(cell_dir, {"user": test.user, "label": test.label, "drift": drift_score},
+                     logits)
     return {
         "metrics": scores,
         "selection": {name: {k: v for k, v in r.items() if k != "params"}
@@ -148,3 +148,30 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
         "predictions": PREDICTIONS,
         "predictions_sha256": cache.arrays_digest(logits),
     }
+
+
+def save_predictions(cell_dir: str, rows: dict[str, np.ndarray],
+                     logits: dict[str, np.ndarray]) -> None:
+    """Write ``rows`` (``user``, ``label``, ``drift``) and each ``"<method>/<variant>"``
+    logit array ``[N]`` as its own compressed file under ``cell_dir/predictions/``."""
+    folder = os.path.join(cell_dir, PREDICTIONS)
+    os.makedirs(folder, exist_ok=True)
+    named = {"rows": rows, **{k.replace("/", "__"): {"logits": v} for k, v in logits.items()}}
+    for name, arrays in named.items():
+        with files.atomic_file(os.path.join(folder, f"{name}.npz"), "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def load_predictions(cell_dir: str) -> dict[str, np.ndarray]:
+    """A cell's predictions as ``{"user", "label", "drift", "<method>/<variant>": [N]}``."""
+    folder = os.path.join(cell_dir, PREDICTIONS)
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".npz"):
+            continue
+        with np.load(os.path.join(folder, name)) as z:
+            if name == "rows.npz":
+                out.update({k: z[k] for k in z.files})
+            else:
+                out[name[:-4].replace("__", "/")] = z["logits"]
+    return out

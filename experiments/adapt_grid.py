@@ -10,7 +10,7 @@ device-test per request at each sync lag, once per device, and under the shuffle
 and mean-z controls. Evaluation negatives are drawn with the cell's seed.
 
 Outputs in ``--workdir``: per cell ``cells/<dataset>/<model>/seed<k>/cell.json`` and
-``predictions.npz`` (every per-row logit); ``adaptation.{md,json}`` (the table with paired
+``predictions/`` (every per-row logit); ``adaptation.{md,json}`` (the table with paired
 per-user bootstrap CIs), ``lags.png`` (AUC vs sync lag) and ``drift.png`` (DUET's gain by
 drift quartile). The command resumes: finished cells are reused when their config matches,
 and an interrupted cell resumes from its checkpoints.

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from duet_jax import drift, files, metrics, stats
-from experiments import report
+from experiments import adapt_cell, report
 
 # (label, scores a, scores b): each compared on the same device-test rows
 COMPARISONS = (
@@ -27,12 +27,6 @@ COMPARISONS = (
 # rows of the metrics table: what each device is served
 SERVED = ("base/lag0", "base_wide/lag0", "duet/lag0", "duet/once", "finetune_head/once",
           "finetune_all/once", "duet_shuffled/lag0", "duet_mean/lag0")
-
-
-def load_predictions(cell_path: str) -> dict[str, np.ndarray]:
-    """A cell's ``predictions.npz`` as ``{"user", "label", "drift", "<method>/<variant>"}``."""
-    with np.load(os.path.join(cell_path, "predictions.npz")) as z:
-        return {k.replace("__", "/"): z[k] for k in z.files}
 
 
 def per_user_auc(user: np.ndarray, label: np.ndarray, scores: np.ndarray,
@@ -84,7 +78,7 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
     groups: dict[tuple[str, str], list] = defaultdict(list)
     cells = []
     for (dataset, model, seed), (path, record) in sorted(done.items()):
-        cell_stats = cell_statistics(load_predictions(path), num_resamples, seed)
+        cell_stats = cell_statistics(adapt_cell.load_predictions(path), num_resamples, seed)
         groups[(dataset, model)].append((seed, record, cell_stats))
         cells.append({"dataset": dataset, "model": model, "seed": seed,
                       "metrics": record["metrics"], "selection": record["selection"],

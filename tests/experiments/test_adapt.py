@@ -46,7 +46,8 @@ def test_one_cell_and_its_report(tmp_path):
                                      finetune_learning_rates=(1e-3,), finetune_steps=(0, 1))
     cell = str(tmp_path / "cell")
     record = adapt_cell.run_cell(config, cell, data, options)
-    preds = adapt_report.load_predictions(cell)
+    preds = adapt_cell.load_predictions(cell)
+    assert os.path.isfile(os.path.join(cell, "predictions", "duet__lag2.npz"))
     expected = {"base/lag0", "base_wide/lag0", "base_wide/lag2", "base_wide/once", "duet/lag0",
                 "duet/lag2", "duet/once", "duet_shuffled/lag0", "duet_mean/lag0",
                 "finetune_head/once", "finetune_all/once"}
