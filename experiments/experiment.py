@@ -205,7 +205,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
                       config_lib.model_config(config, data.num_items))
     names = run_order(config, list(config_lib.methods(config)))
     group_size = config_lib.finetune_config(config).group_size
-    variants = config_lib.sample_config(config).trigger_variants()
+    # the device-test set under each extra trigger variant, built once for every method
+    variants = {variant: with_trigger(data, "test", mode=mode, lag=lag)
+                for variant, mode, lag in config_lib.sample_config(config).trigger_variants()}
     rows, base_params, trained = [], None, {}
     for name in names:
         run_dir = os.path.join(workdir, name)
@@ -243,8 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data: Splits | None = N
                          train_seconds=round(result.train_seconds, 2), **extra))
         if variants and reads_trigger(name):  # the deployment protocol's other triggers
             logits_fn = jax.jit(build_method(config, model, name, base_params).logits)
-            for variant, mode, lag in variants:
-                test = with_trigger(data, "test", mode=mode, lag=lag)
+            for variant, test in variants.items():
                 scores = metrics_lib.evaluate(test.user, test.label, predict(
                     logits_fn, result.params, test, config.train.eval_batch_size))
                 rows.append(_row(model.name, f"{name}@{variant}", config, scores,
