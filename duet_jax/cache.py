@@ -64,11 +64,37 @@ def read_json(path: str) -> dict | None:
         return json.load(f)
 
 
-def load_record(path: str, identity: dict, key: str = "result") -> Any | None:
+def with_defaults(stored: Any, defaults: Any) -> Any:
+    """``stored`` with every key it lacks (at any depth) taken from ``defaults``.
+
+    A field added to the code later, with a default that reproduces the old behaviour, is
+    absent from identities written before it existed; completing them with the defaults
+    lets those records be reused, while a record made with another value still differs.
+
+    >>> with_defaults({"a": 1, "b": {"c": 2}}, {"a": 0, "b": {"c": 0, "d": 3}, "e": 4})
+    {'a': 1, 'b': {'c': 2, 'd': 3}, 'e': 4}
+    """
+    if not (isinstance(stored, dict) and isinstance(defaults, dict)):
+        return stored
+    out = {k: with_defaults(v, defaults.get(k)) for k, v in stored.items()}
+    out.update({k: v for k, v in defaults.items() if k not in stored})
+    return out
+
+
+def load_record(path: str, identity: dict, key: str = "result",
+                defaults: dict | None = None) -> Any | None:
     """The payload stored under ``key`` at ``path`` if it was written for ``identity``;
-    None when absent or made from other inputs (the caller rebuilds it)."""
+    None when absent or made from other inputs (the caller rebuilds it).
+
+    ``defaults``: an identity built from the code's default settings; keys the stored
+    identity lacks are taken from it before comparing (see :func:`with_defaults`)."""
     stored = read_json(path)
-    if stored is None or stored.get("identity") != canonical(identity):
+    if stored is None:
+        return None
+    old = stored.get("identity")
+    if defaults is not None:
+        old = with_defaults(old, canonical(defaults))
+    if old != canonical(identity):
         return None
     return stored.get(key)
 

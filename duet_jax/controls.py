@@ -28,10 +28,12 @@ import functools
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from duet_jax import encoders
 from duet_jax import generator as gen_lib
 from duet_jax.data.batching import batches
 from duet_jax.data.samples import SampleSet
@@ -115,7 +117,7 @@ class WideBase:
     """
 
     model: DeviceModel
-    encoder: gen_lib.SequenceEncoder
+    encoder: nn.Module  # DUET's generator encoder (same kind and sizes)
     hidden: int  # the z-MLP's hidden width
     features: int  # F: floating feature values per row (feature_size(model))
 
@@ -125,7 +127,8 @@ class WideBase:
         (:meth:`duet_jax.duet.Duet.create`'s keywords) and ``hidden`` solved for (when None)
         so the parameter count matches that DUET's. Raises ValueError if no width does."""
         duet = Duet.create(model, **generator_options)
-        encoder = gen_lib.SequenceEncoder(duet.generator.hidden_dim, duet.generator.z_dim)
+        encoder = encoders.get_encoder(duet.generator.encoder, duet.generator.hidden_dim,
+                                       duet.generator.z_dim)
         f = feature_size(model)
         if hidden is not None:
             return cls(model, encoder, hidden, f)

@@ -66,6 +66,7 @@ class Duet:
         stabiliser: int = 0,
         stabiliser_softmax: str = "candidates",
         low_rank: int = 0,
+        encoder: str = "gru",
     ) -> Duet:
         """Generator for ``model``'s head; GRU and z sizes default to the embedding size D.
         ``stabiliser`` (M candidates, 0 = off) and ``low_rank`` (core size k, 0 = full) as
@@ -80,6 +81,7 @@ class Duet:
             stabiliser=stabiliser,
             stabiliser_softmax=stabiliser_softmax,
             low_rank=low_rank,
+            encoder=encoder,
         )
         gen_lib.resolve_decoder_init(decoders, decoder_init)  # fail here, not at first use
         return cls(model, generator)

@@ -33,6 +33,8 @@ Options:
   core's variance: glorot scale). The device
   model applies it without forming the ``[in, out]`` weight; :func:`duet_jax.lowrank.materialize`
   forms it. Other leaves (vectors, thin matrices) stay full.
+- ``encoder="gru"``: which registered encoder (:mod:`duet_jax.encoders`) turns the device's
+  rows into ``z``; the decoders do not depend on it.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from duet_jax import encoders as encoders_lib
 from duet_jax import stabiliser as stabiliser_lib
+from duet_jax.encoders import SequenceEncoder  # noqa: F401  (re-exported: the default encoder)
 from duet_jax.lowrank import LowRankKernel
-from duet_jax.models import layers
 from duet_jax.paramspec import HeadSpec, HeadTemplate
 
 Array = jax.Array
@@ -183,22 +186,6 @@ class LeafDecoder(nn.Module):
         return LowRankKernel(u=u, core=out, v=v) if low_rank else out
 
 
-class SequenceEncoder(nn.Module):
-    """GRU over ``H [L, D]`` (state at the last valid step) -> ``Dense(D, tanh) -> Dense(Z)``."""
-
-    hidden_dim: int
-    z_dim: int
-
-    @nn.compact
-    def __call__(self, seq_features: Array, mask: Array) -> Array:
-        gru_params = self.param(
-            "gru", lambda rng: layers.gru_init(rng, seq_features.shape[-1], self.hidden_dim)
-        )
-        last = layers.gru(gru_params, seq_features, mask)
-        dense = lambda n, name: nn.Dense(n, kernel_init=nn.initializers.xavier_uniform(), name=name)
-        return dense(self.z_dim, "dense2")(jnp.tanh(dense(self.hidden_dim, "dense1")(last)))
-
-
 def decoder_name(path: str) -> str:
     """Flax submodule name of the decoder that writes the leaf at ``path`` (``/`` -> ``__``,
     since checkpoint key paths must not contain ``/``)."""
@@ -232,6 +219,7 @@ class ParameterGenerator(nn.Module):
     stabiliser: int = 0  # M candidates per decoder; 0 = off
     stabiliser_softmax: str = "candidates"  # "candidates" (paper) | "rows" (authors' code)
     low_rank: int = 0  # k; 0 = full-rank decoders
+    encoder: str = "gru"  # a name registered in duet_jax.encoders
 
     @classmethod
     def for_head(cls, template: HeadTemplate, **options: Any) -> ParameterGenerator:
@@ -249,12 +237,17 @@ class ParameterGenerator(nn.Module):
                     f"head template leaf {path!r} has dtype {dtype}: the generator writes "
                     "floating-point leaves only"
                 )
+        if self.encoder not in encoders_lib.encoder_names():
+            raise ValueError(f"unknown generator encoder {self.encoder!r}: expected one of "
+                             f"{list(encoders_lib.encoder_names())}")
         object.__setattr__(self, "spec", spec)
         super().__post_init__()
 
     def setup(self):
         init_scheme = resolve_decoder_init(self.decoders, self.decoder_init)
-        self.encoder = SequenceEncoder(self.hidden_dim, self.z_dim)
+        self.encode_net = encoders_lib.get_encoder(
+            self.encoder, self.hidden_dim, self.z_dim, name="encoder"
+        )
         self.leaf_decoders = [
             LeafDecoder(
                 shape=shape,
@@ -273,7 +266,7 @@ class ParameterGenerator(nn.Module):
 
     def encode(self, seq_features: Array, mask: Array) -> Array:
         """-> ``z [Z]``."""
-        return self.encoder(seq_features, mask)
+        return self.encode_net(seq_features, mask)
 
     def decode(self, z: Array) -> Any:
         """``z [*devices, Z]`` -> head pytree (template structure and dtypes, leaves

@@ -87,7 +87,10 @@ def main(argv):
         path = os.path.join(workdir, "cells", dataset, model, f"seed{seed}")
         identity = {"config": config.to_dict(), "options": options.__dict__,
                     "protocol": adapt_cell.PROTOCOL_VERSION}
-        record = cache.load_record(os.path.join(path, "cell.json"), identity, key="cell")
+        # fields added to the code since a cell was written take their defaults there
+        defaults = {"config": cell_config(dataset, model, seed, []).to_dict()}
+        record = cache.load_record(os.path.join(path, "cell.json"), identity, key="cell",
+                                   defaults=defaults)
         if record is None and not _REPORT_ONLY.value:
             print(f"cell {dataset} / {model} / seed {seed}", flush=True)
             started = time.perf_counter()
