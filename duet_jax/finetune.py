@@ -5,9 +5,16 @@ its own most recent labelled samples, then scores its own evaluation samples. Th
 the paper compares DUET against: adaptation with a gradient on the device.
 
 Two stages, so that nothing is selected on test:
-- **validation**: each device fine-tunes on its ``num_samples`` most recent cloud-train rows
-  and scores its cloud-validation rows. Every ``(learning_rate, steps)`` in the config's grid
-  is scored this way; the best by ``select_metric`` is kept.
+- **validation**: every ``(learning_rate, steps)`` in the config's grid is scored on
+  validation; the best by ``select_metric`` is kept. How depends on ``selection``:
+  ``"train_end"`` (the original protocol): each device fine-tunes on its ``num_samples`` most
+  recent cloud-train rows and scores all its validation rows. Base was trained on those
+  rows, so fine-tuning on them teaches it little and the selection drifts to the grid's
+  smallest settings. ``"val_split"`` (the fair protocol): each device's validation events
+  are split in time; it fine-tunes on its ``num_samples`` most recent rows up to the split
+  (the early validation events, which Base never trained on, then cloud-train rows) and
+  scores the late ones: the test stage shifted back in time, with the same kind of rows to
+  tune on and the same class balance to score.
 - **test**: each device fine-tunes with the kept setting on its ``num_samples`` most recent
   rows before the device-test period (validation rows first, then train rows), and scores
   its device-test rows.
@@ -52,6 +59,7 @@ from duet_jax.training import TrainConfig, predict
 
 Array = jax.Array
 PARAM_MODES = ("head", "all")
+SELECTIONS = ("train_end", "val_split")
 ROW_FIELDS = ("click_seq", "target", "label")
 EVAL_BATCH_SIZE = TrainConfig.eval_batch_size  # Base's default evaluation batch
 
@@ -64,6 +72,9 @@ class FinetuneConfig:
     num_samples: int = 64  # most recent labelled rows a device fine-tunes on
     group_size: int = 64  # devices per vmapped group
     select_metric: str = "auc"
+    # "train_end": tune on cloud-train rows, score all validation rows (original);
+    # "val_split": tune on early validation events, score the late ones (fair; see above)
+    selection: str = "train_end"
     progress: bool = True
 
     def __post_init__(self):
@@ -92,6 +103,8 @@ class FinetuneConfig:
                 fail(name, "an integer >= 1")
         if self.select_metric not in metrics.METRIC_NAMES:
             fail("select_metric", f"one of {list(metrics.METRIC_NAMES)}")
+        if self.selection not in SELECTIONS:
+            fail("selection", f"one of {list(SELECTIONS)}")
 
 
 @dataclasses.dataclass
@@ -130,6 +143,38 @@ class Stage:
     devices: np.ndarray  # [D] user ids, sorted by evaluation-row count (descending)
     tune_rows: list[np.ndarray]
     eval_rows: list[np.ndarray]
+
+
+def event_ids(samples: SampleSet) -> np.ndarray:
+    """``[N]`` id of the event each row belongs to (a positive and its sampled negatives share
+    one): its ``position`` when the set carries it, else runs of equal ``click_seq`` rows in
+    storage order (the authors' files write an event's rows together)."""
+    if samples.position is not None:
+        return samples.position.astype(np.int64)
+    seq = samples.click_seq
+    new = np.ones(len(seq), bool)
+    new[1:] = np.any(seq[1:] != seq[:-1], axis=1) | (samples.user[1:] != samples.user[:-1])
+    return np.cumsum(new) - 1
+
+
+def split_in_time(samples: SampleSet, num_users: int) -> tuple[SampleSet, SampleSet]:
+    """Each user's events in time order, cut in two: ``(early, late)`` with ``n // 2`` early
+    events for a user with ``n`` (a user with one event has it in ``late``). An event's rows
+    stay together; rows keep their storage order."""
+    events = event_ids(samples)
+    early = np.zeros(len(samples), bool)
+    for rows in rows_by_user(samples.user, num_users):
+        if len(rows) == 0:
+            continue
+        distinct = np.unique(events[rows])  # sorted: positions / runs increase with time
+        cut = distinct[len(distinct) // 2] if len(distinct) > 1 else distinct[0]
+        early[rows] = events[rows] < cut
+
+    def subset(mask: np.ndarray) -> SampleSet:
+        index = np.flatnonzero(mask)
+        position = None if samples.position is None else samples.position[index]
+        return SampleSet(**samples.take(index), position=position)
+    return subset(early), subset(~early)
 
 
 def _concat(sets: list[SampleSet]) -> dict[str, np.ndarray]:
@@ -339,14 +384,20 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
 
     ``eval_batch_size``: Base's evaluation batch size (``TrainConfig.eval_batch_size``), so
     that 0 steps scores exactly Base's predictions."""
-    val_stage = make_stage([data.train], data.val, data.num_users, config.num_samples)
+    if config.selection == "val_split":
+        tune_part, selection_rows = split_in_time(data.val, data.num_users)
+        val_stage = make_stage([data.train, tune_part], selection_rows, data.num_users,
+                               config.num_samples)
+    else:
+        selection_rows = data.val
+        val_stage = make_stage([data.train], data.val, data.num_users, config.num_samples)
     schedule = tuple(sorted(config.steps))
     grid, best = [], None
     for lr in config.learning_rates:
         logits = run_stage(model, base_params, val_stage, config, lr, schedule,
                            f"finetune val lr={lr:g}", eval_batch_size)
         for steps, row in zip(schedule, logits, strict=True):
-            val = metrics.evaluate(data.val.user, data.val.label, row)
+            val = metrics.evaluate(selection_rows.user, selection_rows.label, row)
             grid.append({"learning_rate": lr, "steps": steps, "val": val})
             score = metrics.selection_score(config.select_metric, val[config.select_metric])
             if best is None or score > best[0]:

@@ -43,7 +43,8 @@ from experiments import experiment
 
 TRAINED = ("base", "base_wide", "duet")
 CONTROLS = ("duet_shuffled", "duet_mean")  # test-time controls of the trained DUET
-PROTOCOL_VERSION = 1  # bump when what a cell computes changes
+# bump when what a cell computes changes (2: fine-tuning selected with selection="val_split")
+PROTOCOL_VERSION = 2
 FINETUNE_MODES = ("head", "all")
 PREDICTIONS = "predictions"  # folder: rows.npz (user, label, drift) + <method>__<variant>.npz
 
@@ -54,7 +55,7 @@ class CellOptions:
 
     learning_rates: tuple[float, ...] = (1e-3, 3e-3)
     lags: tuple[int, ...] = (0, 5, 20)
-    finetune_learning_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 1e-2)
+    finetune_learning_rates: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 1e-2)
     finetune_steps: tuple[int, ...] = (0, 1, 5, 20, 50)
 
 
@@ -127,6 +128,8 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
         ft.finetune.params = mode
         ft.finetune.learning_rates = tuple(options.finetune_learning_rates)
         ft.finetune.steps = tuple(options.finetune_steps)
+        # tune on validation events Base never trained on, score later ones (fair protocol)
+        ft.finetune.selection = "val_split"
         result = experiment.run_finetune(model, trained["base"]["params"], data, ft,
                                          os.path.join(cell_dir, f"finetune_{mode}"))
         logits[f"finetune_{mode}/once"] = np.asarray(result.pop("test_logits"), np.float32)

@@ -146,6 +146,47 @@ def test_validation_stage_tunes_on_train_rows_and_test_labels_cannot_steer_selec
     assert again.test["auc"] != result.test["auc"]
 
 
+def test_val_split_tunes_on_early_validation_events_and_scores_the_late_ones(setup):
+    data, models, params = setup
+    early, late = finetune.split_in_time(data.val, data.num_users)
+    assert len(early) + len(late) == len(data.val)
+    for u in np.unique(data.val.user):
+        e_pos = early.position[early.user == u]
+        l_pos = late.position[late.user == u]
+        events = np.unique(data.val.position[data.val.user == u])
+        assert len(np.unique(e_pos)) == len(events) // 2
+        if len(e_pos):
+            assert e_pos.max() < l_pos.min()  # tuning data strictly precede scored data
+    # each event (a positive and its negatives) stays on one side, so both sides keep the
+    # validation split's class balance
+    pos_rate = data.val.label.mean()
+    for part in (early, late):
+        positives = part.label.sum()
+        assert len(part) == pytest.approx(positives / pos_rate)
+    # without positions (authors' files), runs of equal click_seq rows are the events
+    no_pos = dataclasses.replace(data.val, position=None)
+    e2, l2 = finetune.split_in_time(no_pos, data.num_users)
+    np.testing.assert_array_equal(e2.label, early.label)
+    np.testing.assert_array_equal(l2.target, late.target)
+
+    config = _config(steps=(1, 4), learning_rates=(1e-3, 3e-2), selection="val_split")
+    model = models["sasrec"]
+    result = finetune.finetune_and_evaluate(model, params["sasrec"], data, config)
+    # the early validation events' labels steer tuning, never the late ones' scores directly
+    flipped = dataclasses.replace(data, test=dataclasses.replace(
+        data.test, label=1.0 - data.test.label))
+    again = finetune.finetune_and_evaluate(model, params["sasrec"], flipped, config)
+    assert again.grid == result.grid
+    # the selection scores are computed on the late events only: equal to scoring them alone
+    stage = finetune.make_stage([data.train, early], late, data.num_users, config.num_samples)
+    for u, tune in zip(stage.devices, stage.tune_rows, strict=True):
+        n_train = len(data.train)
+        mine = np.concatenate([np.flatnonzero(data.train.user == u),
+                               n_train + np.flatnonzero(early.user == u)])
+        np.testing.assert_array_equal(tune, mine[-config.num_samples:])
+    assert set(result.val) == set(result.test)
+
+
 def test_fine_tuning_lowers_each_devices_own_loss(setup):
     data, models, params = setup
     model = models["sasrec"]
