@@ -4,25 +4,62 @@ Restores take an abstract target (shapes, dtypes, tree structure), so optax stat
 as the same named tuples rather than plain dicts. Saves are synchronous and orbax writes
 each step to a temporary directory that it renames when complete, so a run killed mid-save
 leaves no checkpoint a later run would pick up.
+
+A step that cannot be read back (files damaged or deleted after it was written) is moved
+aside to ``<directory>.corrupt/<step>`` with a warning, and the newest intact step is
+restored instead; with no intact step left, :class:`~duet_jax.errors.RunError` says so in one
+paragraph naming the directory. A save that runs out of disk space is a ``RunError`` naming
+the directory; the steps saved before it stay intact.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from duet_jax.errors import RunError
+from duet_jax.files import DISK_FULL, disk_full_error
+
+
+def _disk_full(err: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind ``err`` (orbax may wrap it), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an orbax error, short enough for a log line."""
+    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _listing(failures: list[tuple[int, str]]) -> str:
+    return "; ".join(f"step {step}: {reason}" for step, reason in failures)
 
 
 class Checkpointer:
     """Save/restore ``(state pytree, meta dict)`` by step under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
-        self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+        self.directory = os.path.abspath(directory)
+        self._max_to_keep = max_to_keep
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+                max_to_keep=self._max_to_keep, create=True, enable_async_checkpointing=False
             ),
             item_names=("state", "meta"),
         )
@@ -31,26 +68,71 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as err:
+            full = _disk_full(err)
+            if full is None:
+                raise
+            raise disk_full_error(os.path.join(self.directory, str(step)), full) from None
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restore ``step`` (default latest) into the structure of ``target``."""
-        step = self.latest_step() if step is None else step
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    def _restore_step(self, abstract: Any, step: int) -> tuple[Any, dict]:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
             ),
         )
-        return restored.state, dict(restored.meta)
+        meta = restored.meta
+        if not isinstance(meta, dict):
+            raise ValueError(f"the step's meta record is {type(meta).__name__}, not a dict")
+        return restored.state, dict(meta)
+
+    def _set_aside(self, step: int) -> str:
+        """Move an unreadable step out of the directory orbax scans; returns where to."""
+        aside = os.path.join(self.directory + ".corrupt", str(step))
+        if os.path.exists(aside):
+            shutil.rmtree(aside)
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), aside)
+        return aside
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restore ``step`` (default: the newest intact one) into the structure of
+        ``target``. Without ``step``, unreadable newer steps are moved aside with a warning;
+        :class:`RunError` when none is readable."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        if step is not None:
+            return self._restore_step(abstract, step)
+        failures = []
+        for candidate in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                out = self._restore_step(abstract, candidate)
+            except Exception as err:  # orbax raises many types for damaged files
+                failures.append((candidate, _reason(err)))
+                continue
+            if failures:
+                self._manager.close()
+                moved = [self._set_aside(bad) for bad, _ in failures]
+                self._manager = self._open()
+                logging.warning(
+                    "checkpoints in %s: falling back to step %d, the newest readable one; "
+                    "unreadable newer steps moved to %s (%s)", self.directory, candidate,
+                    os.path.dirname(moved[0]), _listing(failures))
+            return out
+        raise RunError(
+            f"{self.directory}: no checkpoint step can be read ({_listing(failures)}). The "
+            "files are damaged or were changed after they were written. Move this directory "
+            "away (or delete it) and run the same command again: training then starts from "
+            "scratch and, being deterministic, reaches the same result"
+        )
 
     def close(self) -> None:
         self._manager.close()

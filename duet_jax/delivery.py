@@ -12,6 +12,11 @@ leading device axes. Each format turns it into a *payload* pytree, what goes ove
   every value is at most ``scale / 2`` of its leaf (up to float32 rounding of ``x / scale``
   and ``q * scale``, a few ulps); an all-zero leaf has ``scale = 0`` and decodes exactly.
 
+A leaf holding inf or NaN has no finite int8 scale (every value would decode to NaN or 0),
+so :func:`encode` refuses it in int8 with a ValueError naming the leaf and device when the
+head is concrete; inside ``jit`` (no values to look at), check with :func:`check_finite`
+first.
+
 Bytes per device and head (:func:`payload_bytes`) are the leaf sizes times the format's
 width, plus ``4 * num_leaves`` for int8's scales; headers and compression are not counted.
 """
@@ -22,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from duet_jax.paramspec import HeadSpec
 
@@ -65,6 +71,28 @@ def _dequantize_leaf(payload: dict[str, Array], dtype, batch_ndim: int) -> Array
     return (q.astype(jnp.float32) * wide).astype(dtype)
 
 
+def check_finite(spec: HeadSpec, head: Any, batch_ndim: int = 1) -> None:
+    """Raise ValueError naming the first leaf (by path) and device holding inf or NaN."""
+    leaves = spec.check(head, batch_ndim)
+    for path, leaf in zip(spec.paths, leaves, strict=True):
+        values = np.asarray(leaf)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            where = tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]),
+                                                           values.shape))
+            device = where[:batch_ndim]
+            raise ValueError(
+                f"int8 delivery: head leaf {path or '<root>'!r} of device {device} holds "
+                f"{values[where]} at {where[batch_ndim:]} ({int(bad.sum())} non-finite "
+                "values): a non-finite leaf has no int8 scale; fix the generator's output or "
+                "deliver it in float32"
+            )
+
+
+def _is_concrete(leaves: list) -> bool:
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+
+
 def encode(spec: HeadSpec, head: Any, fmt: str, batch_ndim: int = 1) -> Any:
     """Head (``batch_ndim`` leading axes) -> payload pytree in ``fmt`` (jit-able).
 
@@ -73,6 +101,8 @@ def encode(spec: HeadSpec, head: Any, fmt: str, batch_ndim: int = 1) -> Any:
     """
     leaves = spec.check(head, batch_ndim)
     if check_format(fmt) == "int8":
+        if _is_concrete(leaves):
+            check_finite(spec, head, batch_ndim)
         out = [_quantize_leaf(leaf, batch_ndim) for leaf in leaves]
     else:
         out = [leaf.astype(jnp.dtype(fmt)) for leaf in leaves]

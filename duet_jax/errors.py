@@ -19,3 +19,16 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Input data (a file, a line, an array) is not what the loader expects."""
+
+
+class RunError(RuntimeError):
+    """A run cannot go on safely: its workdir is in use by another process, its checkpoints
+    are unreadable, or the disk is full. The message names the path and the way out."""
+
+
+class DivergenceError(ConfigError, FloatingPointError):
+    """Training diverged (a non-finite or exploding loss, or validation far worse than a
+    constant predictor). Names ``config.train.learning_rate``, the value to lower."""
+
+    def __init__(self, value, expected: str):
+        super().__init__("config.train.learning_rate", value, expected)

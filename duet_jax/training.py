@@ -13,6 +13,13 @@ would have, as long as the run has not already trained past where the new budget
 
 Each epoch is also recorded in ``WORKDIR/metrics.jsonl`` and, with tensorboardX, in
 TensorBoard files (:mod:`duet_jax.epoch_log`).
+
+Safety: a run holds an ``fcntl`` lock on its workdir (a second process on the same workdir
+stops with a message naming it); a damaged newest checkpoint falls back to the newest intact
+one (:mod:`duet_jax.checkpoint`); and a run whose loss diverges stops after the epoch where it
+does (:func:`divergence`) with a :class:`~duet_jax.errors.DivergenceError`, after moving its
+files to ``WORKDIR/diverged-lr<rate>[-k]/`` so the same workdir accepts the same command with a
+lower learning rate.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import dataclasses
 import functools
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,11 +46,18 @@ from duet_jax.checkpoint import Checkpointer
 from duet_jax.data.batching import batches, epoch_order, num_batches, padded_batch
 from duet_jax.data.samples import SampleSet, Splits
 from duet_jax.epoch_log import EpochLog
-from duet_jax.errors import ConfigError
+from duet_jax.errors import ConfigError, DivergenceError
 from duet_jax.methods import Method
 
 MODEL_INPUTS = ("click_seq", "trigger_seq", "target", "label", "weight")
 RUN_CONFIG_FORMAT = 2  # run_config.json layout; older files are refused, not guessed at
+# A run has diverged when an epoch's mean training loss, or the validation logloss, is more
+# than this many times what it is measured against (divergence()). Healthy runs stay far
+# below: a constant predictor's logloss is at most ln 2, and training only lowers the loss.
+DIVERGENCE_FACTOR = 10.0
+# what a diverged run's files are moved out of the way of a rerun
+RUN_FILES = ("checkpoints", "checkpoints.corrupt", "run_config.json", "metrics.jsonl",
+             "tensorboard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +234,57 @@ def _check_run_config(workdir: str, identity: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Divergence
+
+
+def constant_logloss(rate: float, labels: np.ndarray) -> float:
+    """Logloss ``[scalar]`` of predicting probability ``rate`` for every row of ``labels``."""
+    rate = min(max(float(rate), 1e-7), 1 - 1e-7)
+    y = np.asarray(labels, np.float64)
+    return float(-np.mean(y * math.log(rate) + (1 - y) * math.log(1 - rate))) if y.size else 0.0
+
+
+def divergence(history: list[dict], train_rate: float, val_labels: np.ndarray,
+               factor: float = DIVERGENCE_FACTOR) -> str | None:
+    """Why the run whose epochs are ``history`` has diverged, or None. Checked on the last
+    epoch: its mean training loss is not finite, or more than ``factor`` times the first
+    epoch's, or more than ``factor`` times a constant predictor's (the training positive rate
+    ``train_rate``: the first epoch can diverge already); or its validation logloss is more
+    than ``factor`` times that constant predictor's on ``val_labels``."""
+    entry = history[-1]
+    loss, first = entry["train_loss"], history[0]["train_loss"]
+    constant_train = constant_logloss(train_rate, np.array([train_rate]))
+    constant_val = constant_logloss(train_rate, val_labels)
+    if loss is None or not math.isfinite(loss):
+        return f"training loss {loss}"
+    if len(history) > 1 and first is not None and loss > factor * first:
+        return (f"mean training loss {loss:.4g} is over {factor:g}x the first epoch's "
+                f"({first:.4g})")
+    if loss > factor * constant_train:
+        return (f"mean training loss {loss:.4g} is over {factor:g}x a constant predictor's "
+                f"({constant_train:.4g})")
+    val = entry["val"].get("logloss")
+    if val is not None and (not math.isfinite(val) or val > factor * constant_val):
+        return (f"validation logloss {val:.4g} is over {factor:g}x a constant predictor's "
+                f"({constant_val:.4g})")
+    return None
+
+
+def _set_aside_diverged(workdir: str, learning_rate: float) -> str:
+    """Move a diverged run's files to ``workdir/diverged-lr<rate>[-k]``; returns where."""
+    base = os.path.join(workdir, f"diverged-lr{learning_rate:g}")
+    target, k = base, 1
+    while os.path.exists(target):
+        k += 1
+        target = f"{base}-{k}"
+    os.makedirs(target)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(workdir, name)):
+            shutil.move(os.path.join(workdir, name), os.path.join(target, name))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
 # When a run stops
 
 
@@ -305,7 +371,30 @@ def train_and_evaluate(
     (see :func:`_check_budget`) and its :data:`COSMETIC_FIELDS` are free. ``on_step(step)`` is
     called after every optimiser step (logging, tests); ``name`` labels the progress bar
     (default: the method's name).
+
+    Raises :class:`~duet_jax.errors.DivergenceError` when training diverges (the run's files
+    are moved to ``workdir/diverged-lr<rate>``, module docstring) and
+    :class:`~duet_jax.errors.RunError` when another process holds ``workdir``.
     """
+    with files.workdir_lock(workdir):
+        result, diverged = _train(method, data, config, workdir, seed, run_config, on_step,
+                                  name)
+        if diverged is None:
+            return result
+        moved = _set_aside_diverged(workdir, config.learning_rate)
+    lr = config.learning_rate
+    raise DivergenceError(
+        lr,
+        f"a smaller value (e.g. {lr / 10:g}): {diverged}. The diverged run's files were moved "
+        f"to {moved}, so the same command with --config.train.learning_rate={lr / 10:g} (and "
+        "the same --workdir) starts afresh",
+    )
+
+
+def _train(method, data, config, workdir, seed, run_config, on_step, name
+           ) -> tuple[TrainResult | None, str | None]:
+    """:func:`train_and_evaluate` inside the workdir lock: ``(result, None)``, or
+    ``(None, why)`` when the run diverged (its files are left for the caller to move)."""
     identity = workdir_identity(method.name, seed, data.fingerprint(), config, run_config)
     _check_run_config(workdir, identity)
     optimizer = optax.adam(config.learning_rate)
@@ -326,6 +415,8 @@ def train_and_evaluate(
     }
 
     steps_per_epoch = num_batches(len(data.train), config.batch_size)
+    train_rate = float(np.mean(data.train.label)) if len(data.train) else 0.5
+    diverged = None
     train_step = make_train_step(method.logits, optimizer)
     logits_fn = jax.jit(method.logits)
     with contextlib.ExitStack() as stack:
@@ -386,7 +477,11 @@ def train_and_evaluate(
                     save()
             flush_losses()
             where = f"{name or method.name} validation after epoch {epoch + 1} (step {step})"
-            val = evaluate(logits_fn, state.params, data.val, config.eval_batch_size, where)
+            try:
+                val = evaluate(logits_fn, state.params, data.val, config.eval_batch_size, where)
+            except FloatingPointError as err:
+                diverged = f"{err}".replace("; lower config.train.learning_rate", "")
+                break
             score = metrics.selection_score(config.select_metric, val[config.select_metric])
             best = _improves(score, meta["best_score"])
             if best:
@@ -401,6 +496,10 @@ def train_and_evaluate(
                 "seconds": now - meta["epoch_start_seconds"],  # training and validation
                 "best": best,  # best validation score so far
             }
+            why = divergence([*meta["history"], entry], train_rate, data.val.label)
+            if why is not None:
+                diverged = f"{where}: training diverged: {why}"
+                break
             meta["history"].append(entry)
             meta["epoch_loss_sum"], meta["epoch_loss_count"] = 0.0, 0
             meta["epoch_start_seconds"] = now
@@ -413,6 +512,8 @@ def train_and_evaluate(
             save()
             log.append(entry)  # after the save: a logged epoch is one a resume keeps
 
+    if diverged is not None:
+        return None, diverged
     if meta["best_epoch"] < 1:
         raise RuntimeError(
             f"{method.name}: no epoch produced a finite validation {config.select_metric}; "
@@ -427,4 +528,4 @@ def train_and_evaluate(
         params=best_params,
         steps=step,
         train_seconds=meta["train_seconds"],
-    )
+    ), None

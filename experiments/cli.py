@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from duet_jax.errors import ConfigError, DataError
+from duet_jax.errors import ConfigError, DataError, RunError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -96,14 +96,15 @@ def resolve_config_arg(arg: str) -> str:
 
 def entry_point(main: Callable[[list[str]], None]) -> Callable[[], None]:
     """A console-script function running ``main`` under absl: shipped config names are
-    resolved, and a user error (:class:`ConfigError`, :class:`DataError`) prints one line,
-    ``error: config.train.learning_rate=-1.0 is invalid: ...``, and exits with status 2
-    instead of a traceback."""
+    resolved, and a user error (:class:`ConfigError`, :class:`DataError`) or a run that
+    stopped safely (:class:`RunError`: workdir in use, unreadable checkpoints, full disk)
+    prints one line, ``error: config.train.learning_rate=-1.0 is invalid: ...``, and exits
+    with status 2 instead of a traceback."""
 
     def guarded(argv: list[str]) -> None:
         try:
             main(argv)
-        except (ConfigError, DataError) as err:
+        except (ConfigError, DataError, RunError) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
 

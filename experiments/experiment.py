@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 
@@ -17,6 +18,7 @@ from duet_jax.data.cache import cached_splits
 from duet_jax.data.samples import Splits, with_trigger
 from duet_jax.data.synthetic import build_synthetic
 from duet_jax.duet import Duet
+from duet_jax.errors import DataError
 from duet_jax.methods import get_method, method_spec, score_at_test_time
 from duet_jax.metrics import METRIC_NAMES, METRICS_VERSION
 from duet_jax.models import get_model
@@ -30,7 +32,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     """The train/val/test samples the config names (deterministic in ``config.data.seed``).
 
     Real datasets and the authors' text files are cached under ``workdir/data`` (when a
-    workdir is given), so a second run does not rebuild them.
+    workdir is given), so a second run does not rebuild them; the cache key holds the raw
+    data's fingerprint (:func:`data_fingerprint`), so changed files are never served from it.
     """
     name = config_lib.dataset_name(config)
     samples = config_lib.sample_config(config)
@@ -38,10 +41,10 @@ def load_data(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     if name == "synthetic":
         return build_synthetic(config_lib.synthetic_config(config), samples, seed)
     cache_dir = os.path.join(workdir, "data") if workdir else None
-    key = {"dataset": name, "seed": seed, "samples": samples.build_fields()}
+    key = {"dataset": name, "seed": seed, "samples": samples.build_fields(),
+           "raw": data_fingerprint(config)}
     if name == "authors_text":
         files = config_lib.text_files(config)
-        key["files"] = {k: _file_identity(v) for k, v in files.items()}
         key["val_frac"] = config.data.val_frac
 
         def build() -> Splits:
@@ -60,13 +63,33 @@ def load_data(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
     return cached_splits(cache_dir, key, build)
 
 
+def data_fingerprint(config: ml_collections.ConfigDict) -> dict | None:
+    """What the config's samples are built from, by content: the real dataset's raw file
+    (member, bytes, sha256; :func:`duet_jax.data.datasets.build_fingerprint`) or each
+    authors'-format file's size and sha256. None for the synthetic data (its config and the
+    seed define it)."""
+    name = config_lib.dataset_name(config)
+    if name == "synthetic":
+        return None
+    if name == "authors_text":
+        return {k: _file_identity(v) for k, v in config_lib.text_files(config).items()}
+    return datasets.content(datasets.build_fingerprint(
+        name, config.data.data_dir or None, config.data.tfds_dir or None))
+
+
 def _file_identity(path: str) -> list | None:
-    """What identifies a file's content cheaply: absolute path, size and mtime."""
+    """A file's content: ``[bytes, sha256]`` (None for no file). Content, not path and
+    mtime: an edited file with the old size and time is still a different file."""
     if not path:
         return None
-    stat = os.stat(path) if os.path.isfile(path) else None
-    return [os.path.abspath(path), stat.st_size if stat else None,
-            stat.st_mtime_ns if stat else None]
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (expected lines {authors_format.FIELDS})")
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return [size, digest.hexdigest()]
 
 
 def _row(model_name: str, method: str, config, test: dict, val: dict, **extra) -> dict:

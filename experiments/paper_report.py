@@ -149,6 +149,13 @@ def write_tables(workdir: str, rows: list[dict], meta: dict) -> str:
     if meta.get("missing"):
         md += ["\n## Missing cells\n"]
         md += [f"- {m}\n" for m in meta["missing"]]
+    if meta.get("unverified"):
+        md += ["\n## Unverified cells\n",
+               "Made before data fingerprints existed, and not checked against today's data "
+               "(run without `--report_only`, with the raw files present, to check and stamp "
+               "them):\n"]
+        md += [f"- {m}: unverified (made before data fingerprints)\n"
+               for m in meta["unverified"]]
     text = "".join(md)
     files.write_text_atomic(os.path.join(workdir, "paper_table.md"), text)
     if ablation:

@@ -293,3 +293,28 @@ def test_diverged_training_fails_with_a_clear_error(data, tmp_path):
     config = TrainConfig(num_epochs=1, batch_size=64, progress=False)
     with pytest.raises(FloatingPointError, match=r"validation after epoch 1.*diverged"):
         train_and_evaluate(broken, data, config, str(tmp_path), seed=0)
+
+
+@pytest.mark.slow  # two training runs; tests/test_failure_modes.py checks the fallback itself
+def test_a_damaged_newest_checkpoint_falls_back_and_ends_identical(data, tmp_path):
+    """Kill a run, damage its newest checkpoint: the rerun restores the newest intact step,
+    replays from there and ends with the parameters of an uninterrupted run."""
+    config = train_config(tiny_config())  # checkpoints every 7 steps and per epoch
+    full = train_and_evaluate(_method("base", data), data, config, str(tmp_path / "full"), seed=0)
+
+    def kill_at(step):
+        if step == 17:  # after the step-14 checkpoint (step 7 kept too: max_to_keep=2)
+            raise Killed
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Killed):
+        train_and_evaluate(_method("base", data), data, config, str(cut), seed=0, on_step=kill_at)
+    newest = max(int(p.name) for p in (cut / "checkpoints").iterdir() if p.name.isdigit())
+    for path in (cut / "checkpoints" / str(newest)).rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\0damaged")
+    resumed = train_and_evaluate(_method("base", data), data, config, str(cut), seed=0)
+    assert (cut / "checkpoints.corrupt" / str(newest)).is_dir()
+    assert resumed.steps == full.steps and resumed.test == full.test
+    for a, b in zip(_leaves(full.params), _leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(a, b)

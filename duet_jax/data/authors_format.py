@@ -13,6 +13,13 @@ The format holds each sample's sequences but not the users' full item sequences,
 deployment protocol's rebuilt triggers (sync lag, once per device;
 :func:`duet_jax.data.samples.with_trigger`) are not available for it: the splits have no
 ``history`` and ``with_trigger`` raises a DataError naming ``authors_text``.
+
+User and item ids may be sparse 64-bit values, as real logs have them. Ids that are dense
+enough (largest id at most ``2 * distinct + 1024``) are kept as they are; otherwise users are
+renumbered ``0..U-1`` and items ``1..I`` in ascending order of their original ids, so every
+table is sized by the number of distinct ids, and the original ids are kept in
+``Splits.user_ids`` / ``Splits.item_ids``. An id above the int64 range is a DataError naming
+the file, line and value.
 """
 
 from __future__ import annotations
@@ -44,8 +51,8 @@ def _sequence(text: str, source: str, number: int, field: str, seq_len: int) -> 
     return kept + [0] * (seq_len - len(kept))
 
 
-def read_samples(path: str, seq_len: int) -> SampleSet:
-    """Every line of ``path`` as a :class:`SampleSet` (blank lines are ignored)."""
+def _read_columns(path: str, seq_len: int) -> dict[str, np.ndarray]:
+    """Every line of ``path`` as int64 columns in the file's own ids (label float32)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found (expected lines {FIELDS})")
     cols: dict[str, list] = {f: [] for f in SampleSet.FIELDS}
@@ -55,6 +62,12 @@ def read_samples(path: str, seq_len: int) -> SampleSet:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}, line {number}: not UTF-8 text ({err})") from None
+            if line and not raw.endswith(b"\n"):
+                raise DataError(
+                    f"{path}, line {number}: the last line has no line ending "
+                    f"({line[:80]!r}): the file looks truncated. Restore the complete file "
+                    "(if this line is complete, end it with a newline)"
+                )
             if not line:
                 continue
             fields = line.split(";")
@@ -77,13 +90,56 @@ def read_samples(path: str, seq_len: int) -> SampleSet:
             cols["label"].append(value)
     if not cols["label"]:
         raise DataError(f"{path}: no samples (expected lines {FIELDS})")
-    return SampleSet(
-        user=np.asarray(cols["user"], np.int32),
-        click_seq=np.asarray(cols["click_seq"], np.int32).reshape(-1, seq_len),
-        trigger_seq=np.asarray(cols["trigger_seq"], np.int32).reshape(-1, seq_len),
-        target=np.asarray(cols["target"], np.int32),
-        label=np.asarray(cols["label"], np.float32),
-    )
+    out = {f: np.asarray(cols[f], np.int64) for f in ("user", "target")}
+    for f in ("click_seq", "trigger_seq"):
+        out[f] = np.asarray(cols[f], np.int64).reshape(-1, seq_len)
+    out["label"] = np.asarray(cols["label"], np.float32)
+    return out
+
+
+def _is_dense(ids: np.ndarray, low: int) -> bool:
+    """Whether ids ``>= low`` can index a table as they are: the largest is at most
+    ``2 * distinct + 1024`` (so the table is bounded by the number of distinct ids)."""
+    return ids.size == 0 or int(ids.max()) + 1 - low <= 2 * ids.size + 1024
+
+
+def _densify(parts: list[dict[str, np.ndarray]]
+             ) -> tuple[list[SampleSet], int, int, np.ndarray | None, np.ndarray | None]:
+    """Int32 :class:`SampleSet` s from int64 columns, one id space across ``parts``:
+    ``(sets, num_users, num_items, user_ids, item_ids)``; ``user_ids[u]`` / ``item_ids[i]``
+    is the original id of dense user ``u`` / item ``i`` (item 0 = padding), None when the
+    ids are kept as they are (module docstring)."""
+    users = np.unique(np.concatenate([p["user"] for p in parts]))
+    items = np.unique(np.concatenate(
+        [np.concatenate([p["target"], p["click_seq"].ravel(), p["trigger_seq"].ravel()])
+         for p in parts]))
+    items = items[items != 0]  # 0 is padding
+    user_ids = item_ids = None
+    if _is_dense(users, 0):
+        num_users = int(users.max()) + 1
+    else:
+        user_ids, num_users = users, len(users)
+    if _is_dense(items, 1):
+        num_items = int(items.max()) if items.size else 0
+    else:
+        item_ids, num_items = np.r_[np.int64(0), items], len(items)
+    sets = []
+    for p in parts:
+        arrays = dict(p)
+        if user_ids is not None:
+            arrays["user"] = np.searchsorted(user_ids, p["user"])
+        if item_ids is not None:  # item_ids is sorted with 0 first: 0 stays padding
+            for f in ("target", "click_seq", "trigger_seq"):
+                arrays[f] = np.searchsorted(item_ids, p[f])
+        sets.append(SampleSet(**{f: arrays[f] if f == "label" else arrays[f].astype(np.int32)
+                                 for f in SampleSet.FIELDS}))
+    return sets, num_users, num_items, user_ids, item_ids
+
+
+def read_samples(path: str, seq_len: int) -> SampleSet:
+    """Every line of ``path`` as a :class:`SampleSet` (blank lines are ignored; sparse ids
+    renumbered as the module docstring says)."""
+    return _densify([_read_columns(path, seq_len)])[0][0]
 
 
 def format_samples(samples: SampleSet) -> str:
@@ -140,21 +196,26 @@ def load_splits(
     """Train/validation/test from the authors' files. With no ``val_file`` (their release
     has train and test only), each user's last ``val_frac`` of train sample groups (file
     order) is held out for validation, so model selection never sees test."""
-    train = read_samples(train_file, seq_len)
-    test = read_samples(test_file, seq_len)
+    names = [train_file, test_file] + ([val_file] if val_file else [])
+    sets, num_users, num_items, user_ids, item_ids = _densify(
+        [_read_columns(name, seq_len) for name in names])
+    train, test = sets[0], sets[1]
     if val_file:
-        val = read_samples(val_file, seq_len)
+        val = sets[2]
     else:
         held = _last_groups(train, val_frac)
         train, val = _take(train, ~held), _take(train, held)
-    parts = (train, val, test)
-    num_items = max(int(max(s.target.max(), s.click_seq.max(), s.trigger_seq.max())) for s in parts)
-    num_users = max(int(s.user.max()) for s in parts) + 1
+    info = {"dataset": "authors_text"}  # named by with_trigger's error (no history here)
+    if user_ids is not None or item_ids is not None:
+        info["renumbered"] = [n for n, ids in (("users", user_ids), ("items", item_ids))
+                              if ids is not None]
     return Splits(
         train=train,
         val=val,
         test=test,
         num_users=num_users,
         num_items=num_items,
-        info={"dataset": "authors_text"},  # named by with_trigger's error (no history here)
+        info=info,
+        user_ids=user_ids,
+        item_ids=item_ids,
     )

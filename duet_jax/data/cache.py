@@ -1,8 +1,10 @@
 """Prepared samples cached on disk, keyed by everything that shaped them.
 
-A second run with the same dataset, protocol, sample config and seed loads the arrays
-instead of rebuilding them: every split's arrays and row positions, and the users' full
-sequences (``Splits.history``) that :func:`duet_jax.data.samples.with_trigger` reads.
+A second run with the same dataset, protocol, sample config, seed and raw data (the
+key holds the raw files' size and sha256, so an edited or replaced file is never served
+from an older cache) loads the arrays instead of rebuilding them: every split's arrays and
+row positions, and the users' full sequences (``Splits.history``) that
+:func:`duet_jax.data.samples.with_trigger` reads.
 The file is written under a temporary name and renamed, so an interrupted write never
 leaves a cache a later run would trust.
 """
@@ -38,6 +40,9 @@ def save(path: str, splits: Splits, key: dict[str, Any]) -> None:
     history = splits.history
     if history is not None:
         arrays.update({f"history.{f}": getattr(history, f) for f in History.ARRAYS})
+    for name in ("user_ids", "item_ids"):
+        if getattr(splits, name) is not None:
+            arrays[name] = getattr(splits, name)
     meta = {
         "format": FORMAT,
         "key": canonical(key),
@@ -70,12 +75,14 @@ def load(path: str, key: dict[str, Any]) -> Splits | None:
         history = None
         if meta["history"] is not None:
             history = History(**{f: z[f"history.{f}"] for f in History.ARRAYS}, **meta["history"])
+        ids = {name: z[name] if name in z.files else None for name in ("user_ids", "item_ids")}
     return Splits(
         **parts,
         num_users=meta["num_users"],
         num_items=meta["num_items"],
         info=meta["info"],
         history=history,
+        **ids,
     )
 
 

@@ -102,9 +102,12 @@ def prepare_sequences(
     }
     keep = (rating == NO_RATING) | (rating >= config.min_rating)
     stats["dropped_by_min_rating"] = int((~keep).sum())
+    # dense item indices first: every array below is sized by the number of distinct items,
+    # never by the largest id (ids may be sparse 64-bit values)
+    item_index, dense_item = np.unique(raw_item, return_inverse=True)
     if config.dedupe:
         # first occurrence of each (user, item), in sequence order
-        key = user * (raw_item.max() + 1) + raw_item
+        key = user * len(item_index) + dense_item
         first = np.zeros(len(key), bool)
         first[np.unique(np.where(keep, key, -1), return_index=True)[1]] = True
         first &= keep
@@ -112,7 +115,6 @@ def prepare_sequences(
         keep = first
     else:
         stats["dropped_repeats"] = 0
-    item_index, dense_item = np.unique(raw_item, return_inverse=True)
     keep &= _k_core(user, dense_item, config.user_core, config.item_core)
     if not keep.any():
         raise DataError(

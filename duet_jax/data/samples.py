@@ -65,8 +65,10 @@ class SampleConfig:
     def __post_init__(self):
         for name, low in [
             ("seq_len", 1),
-            ("num_negatives", 0),
-            ("eval_negatives", 0),
+            # 0 negatives would train on positives only (num_negatives) or leave evaluation
+            # nothing to rank (eval_negatives): neither can mean what it says
+            ("num_negatives", 1),
+            ("eval_negatives", 1),
             ("sync_every", 1),
             ("min_history", 1),
         ]:
@@ -185,6 +187,10 @@ class Splits:
     # users' full sequences for with_trigger; None when the source has none (authors' text).
     # Not fingerprinted: the sample arrays are derived from it.
     history: History | None = None
+    # original ids of dense users [U] / items [num_items + 1] (0: padding) where the source's
+    # ids were renumbered (sparse ids); None: the arrays hold the source's own ids
+    user_ids: np.ndarray | None = None
+    item_ids: np.ndarray | None = None
 
     def fingerprint(self) -> str:
         """sha256 of every split's arrays and id ranges (a resumed run must see the same data)."""

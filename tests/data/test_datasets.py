@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from duet_jax.data import datasets
+from duet_jax.data import datasets, raw
 from duet_jax.data.protocol import ProtocolConfig, build_dataset_samples
 from duet_jax.data.samples import SampleConfig
 from duet_jax.errors import DataError
@@ -176,7 +176,10 @@ def test_build_splits_builds_in_tfds_data_dir_once(real_data_dir, tmp_path, monk
     assert _files(env_dir) == before
 
 
-def test_failed_build_leaves_no_dataset_and_a_fixed_build_works(tmp_path, real_data_dir):
+def test_failed_build_leaves_no_dataset_and_a_fixed_build_works(
+    tmp_path, real_data_dir, monkeypatch
+):
+    monkeypatch.setenv(raw.ALLOW_MODIFIED_ENV, "1")  # a hand-made u.data, not GroupLens's
     raw_dir = tmp_path / "raw" / "movielens-100k"
     raw_dir.mkdir(parents=True)
     (raw_dir / "u.data").write_text("1\t2\t3\t874724710\n1\t3\t4\tnoon\n")

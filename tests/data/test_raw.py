@@ -50,7 +50,7 @@ def test_sequences_keep_line_order_and_douban_keeps_row_order(tmp_path):
     assert [r.user for r in records] == ["1", "2"]
     np.testing.assert_array_equal(records[0].items, [3, 1, 2])
     assert (records[0].timestamps == raw.NO_TIMESTAMP).all()
-    write(tmp_path / "douban_book" / "ratings.dat", "1\t30\t4\n2\t5\t1\n1\t10\t5")
+    write(tmp_path / "douban_book" / "ratings.dat", "1\t30\t4\n2\t5\t1\n1\t10\t5\n")
     records = DOUBAN.read(str(tmp_path))
     np.testing.assert_array_equal(records[0].items, [30, 10])
     np.testing.assert_array_equal(records[0].ratings, [4, 5])

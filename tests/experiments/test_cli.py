@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from duet_jax.errors import DivergenceError, RunError
 from experiments import cli, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,3 +62,19 @@ def test_console_script_runs_from_any_directory(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "config.train.batch_size=0 is invalid" in bad.stderr
+
+
+@pytest.mark.parametrize("error", [
+    RunError("runs/x is in use by another run (process 7 holds runs/x/.lock)"),
+    DivergenceError(1000.0, "a smaller value (e.g. 100): training diverged"),
+])
+def test_a_run_that_stops_safely_prints_one_line_and_exits_2(error, monkeypatch, capsys):
+    def main(argv):
+        raise error
+
+    monkeypatch.setattr(sys, "argv", ["duet-train"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.entry_point(main)()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {error}\n" and "Traceback" not in err

@@ -88,3 +88,77 @@ def test_summary_of_a_single_seed_has_no_std():
     (entry,) = paper_report.summarise(rows)
     assert entry["auc_mean"] == 0.7 and entry["auc_std"] is None and entry["n"] == 1
     assert "0.7000 |" in paper_report.markdown([entry], ("base",))
+
+
+# Finished synthetic cells made by hand (no training), in a subprocess: importing
+# experiments.paper_table here would define its absl flags a second time beside
+# experiments.main's in the same test session.
+_MAKE_CELLS = """
+import json, os, sys
+from duet_jax import cache, files
+from duet_jax.metrics import METRIC_NAMES
+from experiments import experiment, paper_table
+workdir, tiny, cells = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+for cell in cells:
+    seed = cell["seed"]
+    config = paper_table.cell_config("synthetic", "sasrec", seed, False, tiny)
+    path = paper_table.cell_dir(workdir, "synthetic", "sasrec", seed)
+    rows = [{"model": "sasrec", "method": m, "seed": seed, "dataset": "synthetic",
+             **{k: 0.5 for k in METRIC_NAMES}} for m in ("base", "finetune", "duet")]
+    extra = {"environment": {"processor": "test", "cpu_count": 1}}
+    if "fingerprint" in cell:
+        extra["data_fingerprint"] = cell["fingerprint"]
+    cache.save_record(os.path.join(path, "rows.json"), paper_table.cell_identity(config),
+                      rows, key="rows", **extra)
+    if cell.get("base_data"):  # the sample fingerprint its Base run recorded
+        files.write_text_atomic(os.path.join(path, "base", "run_config.json"), json.dumps(
+            {"data": experiment.load_data(config).fingerprint()}))
+"""
+
+
+def _cells(workdir, *cells: dict) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _MAKE_CELLS, str(workdir), json.dumps(TINY), json.dumps(cells)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cells_from_other_data_are_not_reused_and_old_cells_are_marked(tmp_path):
+    _cells(tmp_path, {"seed": 0, "fingerprint": {"member": "other data"}},  # stale
+           {"seed": 1})  # made before fingerprints
+    proc = _run(tmp_path, "--report_only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "paper_table.json").read_text())
+    assert out["stale"] == out["missing"] == ["synthetic / sasrec / seed 0"]
+    assert out["unverified"] == ["synthetic / sasrec / seed 1"]
+    assert all(r["data_verified"] is False for r in out["rows"])
+    assert "its data changed since it was made ({'member': 'other data'} -> None)" in proc.stdout
+    md = (tmp_path / "paper_table.md").read_text()
+    assert "synthetic / sasrec / seed 1: unverified (made before data fingerprints)" in md
+
+
+def test_an_old_cell_whose_samples_match_is_stamped_without_retraining(tmp_path):
+    _cells(tmp_path, {"seed": 0, "base_data": True}, {"seed": 1, "base_data": True})
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "its samples match today's data, stamped" in proc.stdout
+    assert "cell synthetic / sasrec / seed 0\n" not in proc.stdout  # nothing trained
+    stored = json.loads((tmp_path / "cells/synthetic/sasrec/seed0/rows.json").read_text())
+    assert stored["data_fingerprint"] is None  # synthetic: the config is the data
+    assert stored["data_verified"].startswith("samples fingerprint matched")
+    assert json.loads((tmp_path / "paper_table.json").read_text())["unverified"] == []
+
+
+@pytest.mark.slow  # trains one cell
+def test_a_cell_from_other_data_is_moved_aside_and_recomputed(tmp_path):
+    _cells(tmp_path, {"seed": 0, "fingerprint": {"member": "other data"}},
+           {"seed": 1, "fingerprint": None})  # synthetic: None is today's fingerprint
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cell = tmp_path / "cells" / "synthetic" / "sasrec"
+    assert "cell synthetic / sasrec / seed 0: its old results moved to" in proc.stdout
+    assert (cell / "seed0.stale" / "rows.json").is_file()
+    stored = json.loads((cell / "seed0" / "rows.json").read_text())
+    assert stored["data_fingerprint"] is None and stored["rows"][0]["auc"] != 0.5
+    assert "cell synthetic / sasrec / seed 1" not in proc.stdout  # still valid: reused

@@ -36,6 +36,9 @@ def test_prepare_writes_stats_and_caches_samples(real_data_dir, tmp_path, monkey
         100_000,
     )
     assert stats["users"] == 943 and stats["interactions"] <= 100_000
+    # what was read, and that it is GroupLens's published u.data
+    assert stats["raw_member"] == "ml-100k/u.data" and stats["raw_rows"] == 100_000
+    assert stats["raw_verified"] is True and stats["raw_sha256"].startswith("06416e597f82")
     for split in ("train", "val", "test"):
         assert (
             stats[f"{split}_samples"] == stats[f"{split}_positives"] + stats[f"{split}_negatives"]
