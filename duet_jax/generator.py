@@ -112,7 +112,9 @@ def affine(z: Array, kernel: Array, bias: Array) -> Array:
     accelerators' rows together).
     """
     devices = math.prod(z.shape[:-1])
-    if devices < FOLD_BIAS_MIN_DEVICES:
+    # a symbolic device count (jax.export with a batch dimension 'b') cannot be compared:
+    # the plain form is right for any count
+    if not isinstance(devices, int) or devices < FOLD_BIAS_MIN_DEVICES:
         return z @ kernel + bias
     ones = jnp.ones((*z.shape[:-1], 1), z.dtype)
     return jnp.concatenate([z, ones], -1) @ jnp.concatenate([kernel, bias[None]], 0)

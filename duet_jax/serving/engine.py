@@ -1,0 +1,273 @@
+"""What the server runs: a trained DUET loaded from its run directory, and batched, jitted
+generation per (upload kind, delivery format, batch bucket).
+
+A run directory is what training writes for one method (``WORKDIR/<method>``):
+``run_config.json`` (the run's identity: model, sizes, generator options) and
+``checkpoints/<step>/`` (orbax). The server serves the *kept* (best-on-validation)
+parameters. Their version is ``<method>-<sha256 of the parameters, 16 hex>``, so a restarted
+server, or another replica of the same run, answers with the same version.
+
+An :class:`Engine` answers ``run(kind, fmt, x)`` for ``x [n, L]`` int32 ids or ``[n, Z]``
+float32 z: the delivery payload leaves (:mod:`duet_jax.delivery`), numpy, each ``[n, ...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from duet_jax import cache, delivery
+from duet_jax.cloud import UPLOADS
+from duet_jax.data.batching import bucket_size
+from duet_jax.duet import Duet
+from duet_jax.errors import ConfigError
+from duet_jax.lowrank import materialize
+from duet_jax.paramspec import HeadSpec
+
+RUN_CONFIG = "run_config.json"
+RUN_CONFIG_FORMAT = 2  # the run_config.json layout this loader reads (duet_jax.training)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What a device needs to rebuild its head from the payload's leaves, in order."""
+
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: HeadSpec) -> Layout:
+        return cls(spec.paths, spec.shapes, tuple(str(np.dtype(d)) for d in spec.dtypes))
+
+    def to_json(self) -> list[dict]:
+        return [{"path": p, "shape": list(s), "dtype": d}
+                for p, s, d in zip(self.paths, self.shapes, self.dtypes, strict=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """A trained DUET restored from a run directory."""
+
+    duet: Duet
+    params: dict  # {"backbone", "generator"}: the kept parameters
+    method: str
+    step: int  # the checkpoint's optimiser step
+    version: str
+    run_dir: str
+
+
+def _fail(path: str, expected: str) -> ConfigError:
+    return ConfigError("--checkpoint", path, expected)
+
+
+def _run_dir(path: str) -> str:
+    path = os.path.abspath(path)
+    if os.path.basename(path.rstrip(os.sep)) == "checkpoints":
+        return os.path.dirname(path)
+    return path
+
+
+def params_version(method: str, params: Any) -> str:
+    """``<method>-<16 hex>``: the same parameters always give the same version."""
+    return f"{method}-{cache.arrays_digest(params)[:16]}"
+
+
+def _model_config(cfg: dict, num_items: int):
+    from duet_jax.models import ModelConfig
+
+    sasrec, din = cfg.get("sasrec") or {}, cfg.get("din") or {}
+    kwargs = {"num_items": num_items, "seq_len": cfg.get("seq_len"),
+              "embed_dim": cfg.get("embed_dim")}
+    for key, source in (("num_heads", sasrec), ("ffn_mult", sasrec), ("mask_padding", sasrec)):
+        if key in source:
+            kwargs[key] = source[key]
+    if "hidden" in din:
+        kwargs["din_hidden"] = tuple(din["hidden"])
+    return ModelConfig(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _metadata_shapes(state_dir: str) -> dict:
+    """``best_params`` of a checkpoint's ``state`` item as a tree of shapes (no data read)."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointer().metadata(state_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    return jax.tree.map(lambda x: tuple(x.shape), tree["best_params"],
+                        is_leaf=lambda x: hasattr(x, "shape"))
+
+
+def load_run(path: str, step: int | None = None) -> LoadedRun:
+    """Restore the kept parameters of the DUET run in ``path`` (``WORKDIR/<method>`` or its
+    ``checkpoints/``); a missing, corrupt or incompatible run raises :class:`ConfigError`
+    naming what is wrong."""
+    from duet_jax.checkpoint import Checkpointer
+    from duet_jax.methods import method_spec
+    from duet_jax.models import get_model
+    from duet_jax.training import TrainState
+
+    run_dir = _run_dir(path)
+    identity = cache.read_json(os.path.join(run_dir, RUN_CONFIG))
+    if identity is None:
+        raise _fail(path, f"a training run directory (WORKDIR/<method>) holding {RUN_CONFIG} "
+                          "and checkpoints/; no readable run_config.json there")
+    if identity.get("format") != RUN_CONFIG_FORMAT:
+        raise _fail(path, f"a run_config.json of format {RUN_CONFIG_FORMAT}, "
+                          f"found {identity.get('format')!r}")
+    method, cfg = identity.get("method"), identity.get("config") or {}
+    try:
+        uses_generator = method_spec(str(method)).uses_generator
+    except (KeyError, ValueError):
+        uses_generator = False
+    if not uses_generator:
+        raise _fail(path, f"the run of a DUET method (one with a generator); this run is "
+                          f"method {method!r}")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise _fail(path, "a run with checkpoints/; there is none")
+    with Checkpointer(ckpt_dir) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise _fail(path, "a run with at least one complete checkpoint; found none")
+        state_dir = os.path.join(ckpt_dir, str(step), "state")
+        try:
+            shapes = _metadata_shapes(state_dir)
+        except Exception as err:  # orbax raises many types for a damaged step
+            raise _fail(path, f"a readable checkpoint at step {step} "
+                              f"({type(err).__name__}: {str(err)[:200]})") from None
+        try:
+            num_items = shapes["backbone"]["item_embedding"][0] - 1
+            model = get_model(str(cfg.get("model")), _model_config(cfg, num_items))
+            options = {k: v for k, v in (cfg.get("generator") or {}).items() if k != "training"}
+            duet = Duet.create(model, **options)
+        except (KeyError, TypeError, ValueError, FileNotFoundError, OSError) as err:
+            raise _fail(path, f"a readable DUET checkpoint at step {step} matching its "
+                              f"run_config.json ({type(err).__name__}: {err})") from None
+        abstract = jax.eval_shape(duet.init, jax.random.key(0))
+        want = jax.tree.map(lambda x: tuple(x.shape), abstract)
+        if jax.tree.structure(want) != jax.tree.structure(shapes) or want != shapes:
+            diff = [f"{'/'.join(map(str, k))}: checkpoint {a} vs model {b}"
+                    for (k, a), (_, b) in zip(_flat(shapes), _flat(want), strict=False)
+                    if a != b][:3]
+            raise _fail(path, "parameters shaped as its run_config.json describes; "
+                              f"they differ ({'; '.join(diff) or 'tree structure'})")
+        target = {"train": TrainState(step=jnp.zeros((), jnp.int32), params=abstract,
+                                      opt_state=jax.eval_shape(optax.adam(1e-3).init, abstract)),
+                  "best_params": abstract}
+        target = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), target)
+        try:
+            restored, _ = ckpt.restore(target, step)
+        except Exception as err:  # orbax raises many types for a damaged step
+            raise _fail(path, f"a readable checkpoint at step {step} "
+                              f"({type(err).__name__}: {str(err)[:200]})") from None
+    params = jax.tree.map(np.asarray, restored["best_params"])
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(params)):
+        raise _fail(path, f"finite parameters; step {step} holds NaN or inf")
+    return LoadedRun(duet, params, str(method), int(step), params_version(str(method), params),
+                     run_dir)
+
+
+def _flat(tree: Any) -> list:
+    return [(tuple(getattr(k, "key", k) for k in path), v)
+            for path, v in jax.tree_util.tree_flatten_with_path(
+                tree, is_leaf=lambda x: isinstance(x, tuple))[0]]
+
+
+def buckets(max_batch: int, min_bucket: int = 1) -> list[int]:
+    """The padded batch sizes the server compiles: powers of two up to ``max_batch``."""
+    out, size = [], bucket_size(1, min_bucket, max_batch)
+    while True:
+        out.append(size)
+        if size >= max_batch:
+            return out
+        size = bucket_size(size + 1, min_bucket, max_batch)
+
+
+def payload_leaves(spec: HeadSpec, payload: Any, fmt: str) -> list:
+    """A delivery payload as a flat list in leaf order: arrays (float32, bfloat16) or
+    ``(q, scale)`` pairs (int8)."""
+    parts = spec.treedef.flatten_up_to(payload)
+    if fmt == "int8":
+        return [(p["q"], p["scale"]) for p in parts]
+    return list(parts)
+
+
+class Engine:
+    """Batched generation for one trained DUET: ``run(kind, fmt, x)`` -> payload leaves.
+
+    Rows are padded (repeating row 0) to a power-of-two bucket in ``[min_bucket,
+    max_batch]``, so jit compiles one program per (kind, fmt, bucket). Calls are serialised
+    by a lock: one generation at a time uses all cores.
+    """
+
+    def __init__(self, run: LoadedRun, max_batch: int = 64, min_bucket: int = 1,
+                 uploads: tuple[str, ...] = UPLOADS,
+                 formats: tuple[str, ...] = delivery.FORMATS):
+        self.run_info, self.duet = run, run.duet
+        self.spec = run.duet.spec
+        self.version, self.layout = run.version, Layout.of(self.spec)
+        cfg = run.duet.model.config
+        self.seq_len, self.num_items = cfg.seq_len, cfg.num_items
+        self.z_dim = run.duet.generator.z_dim
+        self.max_batch, self.min_bucket = max_batch, min_bucket
+        self.uploads, self.formats = tuple(uploads), tuple(formats)
+        self.params = jax.device_put(run.params)
+        self._fns = {(k, f): self._build(k, f) for k in self.uploads for f in self.formats}
+        self._lock = threading.Lock()
+
+    def _build(self, kind: str, fmt: str):
+        duet, spec, gen = self.duet, self.spec, self.duet.generator
+
+        def fn(params, x):
+            if kind == "ids":
+                heads = duet.generate(params, x)
+            else:
+                heads = gen.apply(params["generator"], x, method=gen.decode)
+            return delivery.encode(spec, materialize(heads), fmt)
+
+        return jax.jit(fn)
+
+    def buckets(self) -> list[int]:
+        return buckets(self.max_batch, self.min_bucket)
+
+    def example(self, kind: str, n: int) -> np.ndarray:
+        """A valid input of ``n`` rows (for warm-up)."""
+        if kind == "ids":
+            return np.ones((n, self.seq_len), np.int32)
+        return np.zeros((n, self.z_dim), np.float32)
+
+    def warm_up(self, sizes: list[int] | None = None) -> float:
+        """Compile and run every (kind, fmt, bucket); -> seconds taken."""
+        start = time.perf_counter()
+        for kind, fmt in self._fns:
+            for size in sizes or self.buckets():
+                self.run(kind, fmt, self.example(kind, size))
+        return time.perf_counter() - start
+
+    def run(self, kind: str, fmt: str, x: np.ndarray) -> tuple[list, float]:
+        """``x [n, ...]`` (n <= max_batch) -> (payload leaves, numpy ``[n, ...]``; seconds of
+        the jitted call, host transfer included)."""
+        n = len(x)
+        size = bucket_size(n, self.min_bucket, self.max_batch)
+        if n < size:
+            x = np.concatenate([x, np.repeat(x[:1], size - n, axis=0)])
+        with self._lock:
+            start = time.perf_counter()
+            out = jax.block_until_ready(self._fns[kind, fmt](self.params, x))
+            seconds = time.perf_counter() - start
+        leaves = payload_leaves(self.spec, out, fmt)
+        cut = functools.partial(_cut, n=n)
+        return [jax.tree.map(cut, leaf) for leaf in leaves], seconds
+
+
+def _cut(x: jax.Array, n: int) -> np.ndarray:
+    return np.asarray(x)[:n]
