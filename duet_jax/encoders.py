@@ -7,13 +7,17 @@ padded rows must not change ``z``). The generator picks one by name
 so any task whose device data can be embedded into ``[L, D]`` rows can use any encoder.
 
 Built in: ``"gru"`` (the paper's: a GRU over the sequence, its state at the last valid
-step, then ``Dense(hidden, tanh) -> Dense(Z)``). Register others with
+step, then ``Dense(hidden, tanh) -> Dense(Z)``); opt-in, for speed: ``"gru_bf16"`` (the
+same GRU in bfloat16, same parameters) and ``"attention"`` (attention pooling, no
+recurrence). Register others with
 :func:`register_encoder`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,24 +29,62 @@ Array = jax.Array
 
 
 class SequenceEncoder(nn.Module):
-    """GRU over ``H [L, D]`` (state at the last valid step) -> ``Dense(D, tanh) -> Dense(Z)``."""
+    """GRU over ``H [L, D]`` (state at the last valid step) -> ``Dense(D, tanh) -> Dense(Z)``.
+
+    ``dtype``: what the GRU computes in (parameters are stored float32 either way, so the
+    same parameters serve both); ``"gru_bf16"`` registers the bfloat16 variant, an opt-in
+    speed/accuracy trade-off. The two dense layers and ``z`` stay float32.
+    """
 
     hidden_dim: int
     z_dim: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, seq_features: Array, mask: Array) -> Array:
         gru_params = self.param(
             "gru", lambda rng: layers.gru_init(rng, seq_features.shape[-1], self.hidden_dim)
         )
-        last = layers.gru(gru_params, seq_features, mask)
+        if self.dtype != jnp.float32:
+            gru_params = jax.tree.map(lambda p: p.astype(self.dtype), gru_params)
+            seq_features = seq_features.astype(self.dtype)
+        last = layers.gru(gru_params, seq_features, mask).astype(jnp.float32)
         dense = lambda n, name: nn.Dense(n, kernel_init=nn.initializers.xavier_uniform(), name=name)
         return dense(self.z_dim, "dense2")(jnp.tanh(dense(self.hidden_dim, "dense1")(last)))
 
 
+class AttentionPoolEncoder(nn.Module):
+    """A parallel (non-recurrent) encoder: attention pooling over ``H [L, D]``.
+
+    ``k = tanh(H W_k)`` ``[L, hidden]``, ``w = softmax_valid(k q / sqrt(hidden))`` with a
+    learned query ``q``, ``pooled = w H`` ``[D]``, then ``Dense(hidden, tanh) -> Dense(Z)``
+    as the GRU encoder. No step depends on the previous one, so it runs as a few batched
+    matmuls; it sees order only through what the features carry (e.g. SASRec's position
+    embedding). Opt-in (``encoder="attention"``); an empty sequence gives ``pooled = 0``.
+    """
+
+    hidden_dim: int
+    z_dim: int
+
+    @nn.compact
+    def __call__(self, seq_features: Array, mask: Array) -> Array:
+        dense = lambda n, name: nn.Dense(n, kernel_init=nn.initializers.xavier_uniform(), name=name)
+        keys = jnp.tanh(dense(self.hidden_dim, "key")(seq_features))
+        query = self.param("query", nn.initializers.normal(1.0), (self.hidden_dim,))
+        scores = keys @ query / jnp.sqrt(jnp.float32(self.hidden_dim))
+        weights = layers.masked_softmax(scores, mask)
+        pooled = weights @ seq_features
+        return dense(self.z_dim, "dense2")(jnp.tanh(dense(self.hidden_dim, "dense1")(pooled)))
+
+
 EncoderFactory = Callable[..., nn.Module]
 
-_ENCODERS: dict[str, EncoderFactory] = {"gru": SequenceEncoder}
+_ENCODERS: dict[str, EncoderFactory] = {
+    "gru": SequenceEncoder,
+    # opt-in trade-offs (docs/benchmark.md): same parameters as "gru", GRU in bfloat16
+    "gru_bf16": functools.partial(SequenceEncoder, dtype=jnp.bfloat16),
+    "attention": AttentionPoolEncoder,  # parallel, non-recurrent
+}
 
 
 def register_encoder(name: str, factory: EncoderFactory) -> None:
@@ -65,3 +107,32 @@ def get_encoder(kind: str, hidden_dim: int, z_dim: int, **kwargs) -> nn.Module:
         raise ValueError(f"unknown generator encoder {kind!r}: expected one of "
                          f"{list(encoder_names())}")
     return _ENCODERS[kind](hidden_dim=hidden_dim, z_dim=z_dim, **kwargs)
+
+
+class SetEncoder(nn.Module):
+    """Permutation-invariant encoder of a *set* of rows ``[L, D]`` (e.g. the backbone features
+    of a device's recent unlabelled images): ``phi = Dense(hidden, relu)`` per row, then a
+    masked mean and a masked attention pooling (one learned score per row, softmax over the
+    valid rows) of ``phi``, concatenated -> ``Dense(hidden, tanh) -> Dense(Z)``.
+
+    Both pools are sums over rows weighted by the mask, so the order of the rows never
+    matters and padded rows (``mask`` False) never change ``z``; an all-padded set gives the
+    ``z`` of an all-zero pool.
+    """
+
+    hidden_dim: int
+    z_dim: int
+
+    @nn.compact
+    def __call__(self, features: Array, mask: Array) -> Array:
+        dense = lambda n, name: nn.Dense(n, kernel_init=nn.initializers.xavier_uniform(), name=name)
+        phi = jax.nn.relu(dense(self.hidden_dim, "phi")(features))  # [L, H]
+        weight = mask.astype(phi.dtype)
+        mean = (weight @ phi) / jnp.maximum(weight.sum(), 1.0)  # [H]
+        scores = dense(1, "score")(phi)[:, 0]  # [L]
+        attn = layers.masked_softmax(scores, mask) @ phi  # [H]
+        pooled = jnp.concatenate([mean, attn])
+        return dense(self.z_dim, "dense2")(jnp.tanh(dense(self.hidden_dim, "dense1")(pooled)))
+
+
+register_encoder("set", SetEncoder)

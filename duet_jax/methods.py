@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duet_jax import controls
+from duet_jax import encoders as encoders_lib
 from duet_jax.data.samples import SampleSet
 from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
@@ -55,6 +56,9 @@ class DuetOptions:
     low_rank: int = 0  # k: generate a k x k core per matrix leaf; 0 = full rank
     # joint (authors' code) | two_stage (paper's figure: Base first, then the generator alone)
     training: str = "joint"
+    # the generator's encoder, a name registered in duet_jax.encoders: gru (paper); opt-in
+    # speed/accuracy trade-offs: gru_bf16 (GRU in bfloat16), attention (parallel pooling)
+    encoder: str = "gru"
 
     def __post_init__(self):
         def fail(name, expected):
@@ -76,6 +80,8 @@ class DuetOptions:
             fail("stabiliser_softmax", f"one of {list(SOFTMAX_OVER)}")
         if self.training not in TRAINING_MODES:
             fail("training", f"one of {list(TRAINING_MODES)}")
+        if self.encoder not in encoders_lib.encoder_names():
+            fail("encoder", f"one of {list(encoders_lib.encoder_names())}")
 
     def generator_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :meth:`duet_jax.duet.Duet.create` (all but ``training``)."""

@@ -38,10 +38,16 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
                            process_id: int | None) -> bool:
     """``jax.distributed.initialize`` for a multi-host run; a no-op without a coordinator.
 
-    Must run before any JAX computation. Returns whether it initialised.
+    ``coordinator_address="auto"``: JAX reads the coordinator, process count and id from
+    the cluster's environment (Slurm, Kubernetes, Cloud TPU; ``num_processes`` and
+    ``process_id`` are then left to it). Must run before any JAX computation. Returns
+    whether it initialised.
     """
     if not coordinator_address:
         return False
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
+        return True
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return True

@@ -24,7 +24,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from duet_jax import finetune
+from duet_jax import finetune, timing
 from duet_jax.cloud import UPLOADS, Cloud
 from duet_jax.data.samples import Splits
 from duet_jax.duet import Duet
@@ -38,6 +38,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "fleet config file (get_config()).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_CLOUD_URL = flags.DEFINE_string(
+    "cloud_url", None, "Request the heads from a generation server at this URL (python -m "
+    "experiments.serve --checkpoint=WORKDIR/train/duet) instead of the in-process cloud.")
 
 
 def train_methods(
@@ -126,8 +129,10 @@ def finetune_entry(
     }
 
 
-def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """The whole job; returns the fleet.json payload (also written to ``workdir``)."""
+def run_fleet(config: ml_collections.ConfigDict, workdir: str, cloud_url: str | None = None
+              ) -> dict:
+    """The whole job; returns the fleet.json payload (also written to ``workdir``).
+    ``cloud_url``: heads come from that generation server (:mod:`duet_jax.serving`)."""
     started = time.perf_counter()
     config_lib.validate(config)
     fc = FleetConfig.from_config(config.fleet)
@@ -140,7 +145,13 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     streams = build_streams(data.test, fc.num_rounds, fc.num_devices, fc.seed)
     duet, _ = experiment.duet_variant(config, model, "duet")
-    sim = Simulator(streams, duet, params["duet"], fc)
+    cloud = None
+    if cloud_url:
+        from duet_jax.serving.client import RemoteCloud
+
+        cloud = RemoteCloud(cloud_url, duet, params["duet"], fc.upload,
+                            min_bucket=fc.min_bucket, max_bucket=fc.max_bucket)
+    sim = Simulator(streams, duet, params["duet"], fc, cloud=cloud)
     runs = [sim.run_policy(policy) for policy in fc.policies]
     if fc.base:
         runs.append(sim.base_run(model, params["base"]))
@@ -161,6 +172,9 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "head_leaves": len(duet.spec.sizes),
             "jax_devices": jax.device_count(),
             "sharded": sim.cloud.mesh is not None,
+            "keep_heads": fc.keep_heads,
+            # the whole job's peak resident memory (training included)
+            "peak_rss_bytes": timing.peak_rss_bytes(),
         },
         "data": data.stats(),
         # the main job's evaluation of the same parameters (DUET: a sync before every
@@ -182,7 +196,7 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def main(argv):
     cli.start(argv)
-    payload = run_fleet(_CONFIG.value, _WORKDIR.value)
+    payload = run_fleet(_CONFIG.value, _WORKDIR.value, _CLOUD_URL.value)
     print(fleet_report.markdown(payload))
     print(f"fleet results written to {os.path.abspath(_WORKDIR.value)}/fleet.{{json,md}}")
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -144,3 +145,12 @@ def test_process_rows_takes_this_process_share(monkeypatch, index):
     np.testing.assert_array_equal(sharding.process_rows(rows), rows[4 * index:4 * index + 4])
     with pytest.raises(ValueError, match="10 rows do not split evenly over 3 processes"):
         sharding.process_rows(rows[:10])
+
+
+def test_initialize_distributed_passes_the_address_or_leaves_it_to_jax(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert sharding.initialize_distributed(None, None, None) is False
+    assert sharding.initialize_distributed("auto", None, None) is True
+    assert sharding.initialize_distributed("h:1", 2, 1) is True
+    assert calls == [{}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}]

@@ -38,6 +38,12 @@ class FleetConfig:
     score_batch_size: int = 2048  # device-side scoring, rows per jitted call
     seed: int = 0  # which devices take part when num_devices < all
     progress: bool = True
+    # True: keep every device's delivered head in a [devices, values] table per format (the
+    # original simulation). False: keep only each device's trigger event and regenerate the
+    # heads of the devices being scored, chunk by chunk (memory no longer grows with
+    # devices x head size; generation runs again for scoring, untimed). Same scores up to
+    # float rounding of a different batch composition.
+    keep_heads: bool = True
 
     def __post_init__(self):
         def fail(name, expected):
@@ -64,7 +70,7 @@ class FleetConfig:
             fail("distance", f"one of {list(DISTANCES)}")
         if self.upload not in UPLOADS:
             fail("upload", f"one of {list(UPLOADS)}")
-        for name in ("base", "progress"):
+        for name in ("base", "progress", "keep_heads"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
 

@@ -80,15 +80,39 @@ class Simulator:
     def _score_rows(self, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Logits ``[len(rows)]`` of samples ``rows``, each with its device's head in
         ``table [U, V]`` (flat heads), in fixed-size jitted batches."""
-        slot = self.streams.sample_slot[rows]
+        return self._score_table(table, self.streams.sample_slot[rows], rows)
+
+    def _score_streamed(self, fmt: str, rows: np.ndarray, trigger: np.ndarray) -> np.ndarray:
+        """Logits of samples ``rows``, each scored with the head its device was sent from
+        event ``trigger [len(rows)]`` (-1: none yet, a zero head, as the table starts),
+        regenerated and delivered again here in chunks of ``max_bucket`` distinct triggers:
+        memory stays at one chunk of heads whatever the fleet's size."""
+        out = np.zeros(len(rows), np.float32)
+        events, inverse = np.unique(trigger, return_inverse=True)
+        step = self.config.max_bucket
+        for start in range(0, len(events), step):
+            chunk = events[start:start + step]
+            table = np.zeros((len(chunk), self.spec.num_values), np.float32)
+            have = chunk >= 0
+            if have.any():
+                uploads, _ = self.cloud.device_upload(self.streams.seq[chunk[have]])
+                heads, _ = self.cloud.serve(uploads)  # untimed: the device already holds it
+                table[have], _ = self._deliver(heads, fmt)
+            mine = np.flatnonzero((inverse >= start) & (inverse < start + len(chunk)))
+            out[mine] = self._score_table(table, inverse[mine] - start, rows[mine])
+        return out
+
+    def _score_table(self, table: np.ndarray, head_row: np.ndarray,
+                     rows: np.ndarray) -> np.ndarray:
+        """Logits of samples ``rows``, sample ``i`` with the flat head ``table[head_row[i]]``."""
         size = self.config.score_batch_size
         out = []
         for start in range(0, len(rows), size):
-            r, s = rows[start : start + size], slot[start : start + size]
+            r, h = rows[start : start + size], head_row[start : start + size]
             m = len(r)
             pad = np.r_[np.arange(m), np.zeros(size - m, np.int64)]
             feats = jax.tree.map(lambda f, r=r, pad=pad: f[r[pad]], self.features)
-            out.append(np.asarray(self._score(table[s[pad]], feats))[:m])
+            out.append(np.asarray(self._score(table[h[pad]], feats))[:m])
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def _deliver(self, heads: Any, fmt: str) -> tuple[np.ndarray, float]:
@@ -103,8 +127,9 @@ class Simulator:
         """Every round of ``policy``, once per delivery format (the same requests for all)."""
         s, cfg, spec = self.streams, self.config, self.spec
         num_samples = len(s.samples)
+        # keep_heads=False: no [devices, values] tables, heads regenerated when scored
         tables = {fmt: np.zeros((s.num_devices, spec.num_values), np.float32)
-                  for fmt in cfg.formats}
+                  for fmt in cfg.formats} if cfg.keep_heads else None
         last_request = np.full(s.num_devices, -1, np.int64)  # event id of the trigger
         emb_at_request = np.zeros((s.num_devices, self.item_embedding.shape[1]), np.float32)
         logits = {fmt: np.zeros(num_samples, np.float32) for fmt in cfg.formats}
@@ -132,11 +157,21 @@ class Simulator:
             req_slots, req_events = online[want], events[want]
             up_bytes, cloud_seconds, encode_seconds = 0, 0.0, dict.fromkeys(cfg.formats, 0.0)
             if len(req_slots):
-                uploads, nbytes = self.cloud.device_upload(s.seq[req_events])
-                heads, cloud_seconds = self.cloud.serve(uploads)
-                up_bytes = int(nbytes.sum())
-                for fmt in cfg.formats:
-                    tables[fmt][req_slots], encode_seconds[fmt] = self._deliver(heads, fmt)
+                # keep_heads=False: the round's requests in chunks of max_bucket, so that
+                # only one chunk's heads (and their delivered copies) exist at a time
+                step = len(req_slots) if cfg.keep_heads else cfg.max_bucket
+                for start in range(0, len(req_slots), step):
+                    part = slice(start, start + step)
+                    uploads, nbytes = self.cloud.device_upload(s.seq[req_events[part]])
+                    heads, seconds = self.cloud.serve(uploads)
+                    cloud_seconds += seconds
+                    up_bytes += int(nbytes.sum())
+                    for fmt in cfg.formats:
+                        flat, seconds = self._deliver(heads, fmt)
+                        encode_seconds[fmt] += seconds
+                        if tables is not None:
+                            tables[fmt][req_slots[part]] = flat
+                    del heads, flat
                 last_request[req_slots] = req_events
                 requests[req_slots] += 1
                 if recent is not None:
@@ -146,7 +181,8 @@ class Simulator:
             trigger_event[rows] = last_request[slot]
             staleness[rows] = s.index[s.sample_event[rows]] - s.index[last_request[slot]]
             for fmt in cfg.formats:
-                logits[fmt][rows] = self._score_rows(tables[fmt], rows)
+                logits[fmt][rows] = (self._score_rows(tables[fmt], rows) if tables is not None
+                                     else self._score_streamed(fmt, rows, trigger_event[rows]))
                 records.append(round_record(
                     policy, fmt, r, s.samples.user[rows], s.samples.label[rows],
                     logits[fmt][rows], online=len(online), requests=len(req_slots),

@@ -151,13 +151,23 @@ def gru_init(rng: Array, in_dim: int, hidden: int) -> Params:
     }
 
 
-def gru(params: Params, x: Array, mask: Array) -> Array:
+def sigmoid(x: Array) -> Array:
+    """``σ(x)`` as ``0.5 * tanh(x / 2) + 0.5``: the same function (an identity), but XLA-CPU
+    evaluates ``tanh`` with one rational approximation where ``jax.nn.sigmoid`` costs an
+    ``exp`` and a division. In a GRU-only measurement (B = 256 and 1024, 30 steps, 2 shared
+    CPU cores) the GRU ran 1.1-1.3x faster; in whole head generation the gain was within
+    the machine's noise. Float32 results differ from ``jax.nn.sigmoid`` by a few ulp."""
+    return 0.5 * jnp.tanh(0.5 * x) + 0.5
+
+
+def gru(params: Params, x: Array, mask: Array, unroll: int = 1) -> Array:
     """Run a GRU over ``x [*batch, L, in]``; return the state after the last valid step
     ``[*batch, H]`` (``batch`` may be empty: one sequence, as the generator's vmap uses it).
 
     The state is held fixed at padded steps (zeros for an empty sequence). PyTorch equations:
     ``r = σ(x W_ir + b_ir + h W_hr + b_hr)``, ``z = σ(...)``,
     ``n = tanh(x W_in + b_in + r ⊙ (h W_hn + b_hn))``, ``h' = (1 - z) ⊙ n + z ⊙ h``.
+    ``unroll``: steps per loop iteration of the ``lax.scan`` (the same result).
     """
     hidden = params["kernel_hh"].shape[0]
 
@@ -166,23 +176,32 @@ def gru(params: Params, x: Array, mask: Array) -> Array:
         return params[f"kernel_{name}"][:, cols], params[f"bias_{name}"][cols]
 
     # Input projections for all steps at once, time-major, one array per gate: on XLA-CPU
-    # this runs about 3x faster than slicing a stacked [B, 3H] inside the loop.
+    # this runs about 3x faster than slicing a stacked [B, 3H] inside the loop (measured
+    # again for the fused form h @ W_hh [H, 3H] + slices per step: 3.5x slower than three
+    # [H, H] products, as was a feature-major [3H, B] layout). The recurrent biases of r
+    # and z are added here too, once for all steps, rather than in every step; b_hn stays
+    # in the step, inside r ⊙ (...).
     x_time = jnp.moveaxis(x, -2, 0)
-    x_gates = [x_time @ w + b for w, b in (gate("ih", i) for i in range(3))]
-    (w_r, b_r), (w_z, b_z), (w_n, b_n) = (gate("hh", i) for i in range(3))
+    (_, b_hr), (_, b_hz), (w_hn_, b_hn) = (gate("hh", i) for i in range(3))
+    extra = (b_hr, b_hz, 0.0)
+    x_gates = [x_time @ w + (b + e) for (w, b), e in zip(
+        (gate("ih", i) for i in range(3)), extra, strict=True)]
+    w_r, w_z, w_n = (gate("hh", i)[0] for i in range(3))
 
     # Rematerialised: recomputing a step in the backward pass is about 2x faster on XLA-CPU
     # than storing and reloading its residuals.
     @jax.checkpoint
     def step(h, inputs):
         x_r, x_z, x_n, m = inputs
-        r = jax.nn.sigmoid(x_r + h @ w_r + b_r)
-        z = jax.nn.sigmoid(x_z + h @ w_z + b_z)
-        n = jnp.tanh(x_n + r * (h @ w_n + b_n))
-        return jnp.where(m[..., None], (1.0 - z) * n + z * h, h), None
+        r = sigmoid(x_r + h @ w_r)
+        z = sigmoid(x_z + h @ w_z)
+        n = jnp.tanh(x_n + r * (h @ w_n + b_hn))
+        # (1 - z) n + z h, one multiply fewer
+        return jnp.where(m[..., None], n + z * (h - n), h), None
 
+    del w_hn_
     h0 = jnp.zeros((*x.shape[:-2], hidden), x.dtype)
-    last, _ = jax.lax.scan(step, h0, (*x_gates, jnp.moveaxis(mask, -1, 0)))
+    last, _ = jax.lax.scan(step, h0, (*x_gates, jnp.moveaxis(mask, -1, 0)), unroll=unroll)
     return last
 
 

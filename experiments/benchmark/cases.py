@@ -22,9 +22,12 @@ from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
 from duet_jax.generator import ParameterGenerator
 from duet_jax.models import ModelConfig, get_model
-from experiments.benchmark import scaling
+from experiments.benchmark import scaling, torch_reference
 
-CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling"}
+CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling",
+               "torch_reference", "encoders"}
+# the opt-in encoders timed against the default "gru" (case group "encoders")
+OPTIONAL_ENCODERS = ("gru_bf16", "attention")
 
 
 class Bench:
@@ -40,13 +43,15 @@ class Bench:
         self._duets: dict = {}
         self._seq = None
 
-    def duet(self, model: str, low_rank: int = 0):
+    def duet(self, model: str, low_rank: int = 0, encoder: str = "gru"):
         """``(Duet, params)`` with random init (accuracy is not measured here)."""
-        if (model, low_rank) not in self._duets:
-            duet = Duet.create(get_model(model, self.model_config), low_rank=low_rank)
-            self._duets[model, low_rank] = (duet, duet.init(self.key))
-            jax.block_until_ready(self._duets[model, low_rank][1])
-        return self._duets[model, low_rank]
+        key = (model, low_rank, encoder)
+        if key not in self._duets:
+            duet = Duet.create(get_model(model, self.model_config), low_rank=low_rank,
+                               encoder=encoder)
+            self._duets[key] = (duet, duet.init(self.key))
+            jax.block_until_ready(self._duets[key][1])
+        return self._duets[key]
 
     def sequences(self, n: int):
         """The first ``n`` of one fixed pool of random trigger sequences ``[n, L]``."""
@@ -211,6 +216,36 @@ class Bench:
         return self.case(kind, model, n, 1,
                          self._measure(run, compiled, compile_s, warmup, matmul), **extra)
 
+    def encoders(self, model: str, n: int, batch: int) -> list[dict]:
+        """Generation with each opt-in encoder against the default GRU on the same ``n``
+        devices, timed alternately in ``paired_rounds`` rounds (ratio: GRU seconds / theirs)."""
+        batches = self.batches(n, batch)
+        passes = {}
+        for encoder in ("gru", *OPTIONAL_ENCODERS):
+            duet, params = self.duet(model, encoder=encoder)
+            compiled, _ = timing.compile_timed(duet.generate, params, batches[0])
+            passes[encoder] = _pipelined(compiled, [(params, b) for b in batches])
+            passes[encoder]()  # warm-up
+        times: dict[str, list[float]] = {e: [] for e in passes}
+        order = list(passes)
+        for r in range(self.config.paired_rounds):
+            for encoder in order if r % 2 == 0 else order[::-1]:
+                started = time.perf_counter()
+                passes[encoder]()
+                times[encoder].append(time.perf_counter() - started)
+        rows = []
+        for encoder in OPTIONAL_ENCODERS:
+            ratios = [g / o for g, o in zip(times["gru"], times[encoder], strict=True)]
+            rows.append({
+                "case": "encoder_option", "model": model, "encoder": encoder,
+                "num_devices": n, "batch_size": batch, "per_call_devices": batch,
+                "devices_per_s": n / float(np.median(times[encoder])),
+                "gru_devices_per_s": n / float(np.median(times["gru"])),
+                "seconds": times[encoder], "gru_seconds": times["gru"],
+                "speedup_vs_gru": {"median": float(np.median(ratios)), "min": min(ratios),
+                                   "max": max(ratios), "per_round": ratios}})
+        return rows
+
     # ---------------------------------------------------------------- adaptation
 
     def tune_rows(self, n: int) -> dict:
@@ -343,6 +378,11 @@ def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
                         lambda m=m: [bench.loop(m, c.loop_devices)]))
         if "adaptation" in groups:
             out.append((f"{m} adaptation", lambda m=m: bench.adaptation(m)))
+        if "encoders" in groups:
+            out.append((f"{m} opt-in encoders", lambda m=m: bench.encoders(
+                m, c.split_devices, c.batch_size)))
+    if "torch_reference" in groups:  # the authors' PyTorch design, side by side
+        out.append(("torch reference", lambda: torch_reference.case_rows(bench)))
     if "scaling" in groups:
         out.append(("scaling", bench.scaling))
     return out

@@ -26,7 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Benchmark config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
+    "coordinator_address", None,
+    "Multi-host: host:port of process 0 (jax.distributed), or auto (Slurm, Kubernetes, TPU).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 

@@ -20,6 +20,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from duet_jax import sharding, timing
@@ -72,7 +73,15 @@ def measure(model: str, num_items: int, seq_len: int, embed_dim: int, devices: i
 
     result = timing.time_pass(run, repeats, compile_s,
                               warmup=lambda: jax.block_until_ready(fn(params, batches[0])))
+    # What was generated, reduced over every accelerator (of every process): equal, up to
+    # float summation order, for any mesh size or process count over the same seed.
+    checksum = jax.jit(lambda p, b: [sum(jnp.sum(f(leaf)) for leaf in jax.tree.leaves(
+        duet.generate(p, b))) for f in (lambda x: x, jnp.abs)])
+    total, magnitude = checksum(params, batches[0])
     return {
+        "heads_checksum": float(total),  # sum of the first global batch's head values
+        "heads_abs_checksum": float(magnitude),  # and of their magnitudes
+        "processes": jax.process_count(),
         "accelerators": mesh.size,
         "platform": jax.devices()[0].platform,
         "device_kind": jax.devices()[0].device_kind,

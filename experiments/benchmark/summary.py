@@ -15,6 +15,9 @@ TARGET_MODELS = ("sasrec", "gru4rec")
 VMAP_OVER_LOOP = 10
 # acceptance: one-device-at-a-time fine-tuning at least this many times DUET's cost
 SEQUENTIAL_FINETUNE_OVER_DUET = 100
+# acceptance: ours at least this many times the authors' PyTorch generator design, at the
+# reference's best batch size (median of the paired rounds' ratios)
+OVER_TORCH_REFERENCE = 3
 
 
 def model_names(models: str) -> list[str]:
@@ -47,6 +50,24 @@ def summarise(cases: list[dict], config) -> dict:
             for k, v in s["adaptation"]["finetune_over_duet"].items()
             if k.startswith("finetune_loop")},
     }
+    torch_rows = [c for c in cases if c["case"] == "torch_reference" and not c.get("skipped")]
+    if torch_rows:
+        t = torch_rows[0]
+        out["torch_reference"] = {
+            "model": t["model"], "num_devices": t["num_devices"], "threads": t["threads"],
+            "torch_threads": t.get("torch_threads", t["threads"]),
+            "torch_best_batch": t["torch_best_batch"], "ours_best_batch": t["ours_best_batch"],
+            "devices_per_s": t["devices_per_s"], "rounds": t["rounds"],
+            "speedup_at_torch_best_batch": t["speedup_same_batch"]["median"],
+            "speedup_at_torch_best_batch_range": [t["speedup_same_batch"]["min"],
+                                                  t["speedup_same_batch"]["max"]],
+            "speedup_best_vs_best": t["speedup_best_batch"]["median"],
+            "speedup_best_vs_best_range": [t["speedup_best_batch"]["min"],
+                                           t["speedup_best_batch"]["max"]],
+            "measured": "paired rounds, median of per-round ratios (torch s / ours s)"}
+        if t.get("torch_threads", t["threads"]) == t["threads"]:  # only with threads equal
+            out["acceptance"][f"over_torch_reference_at_least_{OVER_TORCH_REFERENCE}x"] = (
+                t["speedup_same_batch"]["median"] >= OVER_TORCH_REFERENCE)
     return out
 
 

@@ -33,7 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
     # comma-separated case groups to run: generation (N and B sweeps), stages (encoder /
     # decoder), low_rank, loop (Python loop; also runs generation at loop_devices),
     # adaptation (DUET vs fine-tuning), scaling
-    config.cases = "generation,stages,low_rank,loop,adaptation,scaling"
+    # torch_reference (the authors' PyTorch generator design against ours, paired rounds;
+    # skipped, noted in the results, where torch is not installed); encoders (the opt-in
+    # gru_bf16 and attention encoders against the GRU, paired rounds at split_devices, B)
+    config.cases = ("generation,stages,low_rank,loop,adaptation,torch_reference,encoders,"
+                    "scaling")
     # device model sizes: a random item vocabulary; D and L as the main job's models
     config.num_items = 10_000
     config.seq_len = model.seq_len
@@ -71,6 +75,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.finetune.devices = 1024  # devices fine-tuned in vmapped groups
     config.finetune.loop_devices = 128  # devices fine-tuned one at a time (authors' code)
 
+    # the authors' PyTorch generator design (experiments/benchmark/torch_reference.py) against
+    # ours on the same devices: each side's best of batch_sizes, then paired_rounds rounds
+    config.torch_reference = ml_collections.ConfigDict()
+    config.torch_reference.devices = 65_536
+    config.torch_reference.batch_sizes = (256, 1024, 4096)  # 1024, 4096: the authors' batches
+    # torch threads: 0 = as many as XLA-CPU uses (pinned equal); other values are probes
+    config.torch_reference.threads = 0
+
     # XLA cost analysis and the machine's peaks
     config.peak_matmul_size = _default(timing.peak_matmul, "size")
     config.peak_bandwidth_mb = _default(timing.peak_bandwidth, "megabytes")
@@ -103,6 +115,8 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.finetune.loop_devices = 16
     config.peak_matmul_size = 1024
     config.peak_bandwidth_mb = 64
+    config.torch_reference.devices = 4_096
+    config.torch_reference.batch_sizes = (256, 1024)
     config.scaling.devices = 4_096
     config.scaling.per_accelerator_batch = 512
     config.scaling.fake_devices = (2,)

@@ -44,11 +44,18 @@ TINY = [
     "--config.scaling.devices=64",
     "--config.scaling.per_accelerator_batch=16",
     "--config.scaling.fake_devices=(2,)",
+    "--config.torch_reference.devices=32",
+    "--config.torch_reference.batch_sizes=(8,16)",
     "--config.progress=False",
 ]
 GLIBC = cli.is_glibc()
 KINDS = {"generation", "encoder", "decoder", "low_rank", "loop", "duet_adapt",
-         "finetune_vmap", "finetune_loop", "scaling"}
+         "finetune_vmap", "finetune_loop", "scaling", "torch_reference", "encoder_option"}
+try:  # the torch reference case is benchmark-only: skipped (noted) without torch
+    import torch  # noqa: F401
+    TORCH = True
+except ImportError:
+    TORCH = False
 
 
 def _positive_finite(value):
@@ -76,7 +83,28 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     cases = result["cases"]
     assert {(c["case"], c["model"]) for c in cases if c["case"] != "scaling"} == {
         (k, "sasrec") for k in KINDS - {"scaling"}}
+    torch_row = next(c for c in cases if c["case"] == "torch_reference")
+    assert torch_row.get("skipped", False) is not TORCH
+    if TORCH:
+        assert torch_row["num_devices"] == 32 and torch_row["rounds"] == 2
+        for key in ("speedup_same_batch", "speedup_best_batch"):
+            r = torch_row[key]
+            assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
+        t = result["summary"]["torch_reference"]
+        assert t["speedup_at_torch_best_batch"] == torch_row["speedup_same_batch"]["median"]
+        assert "over_torch_reference_at_least_3x" in result["summary"]["acceptance"]
+    options = [c for c in cases if c["case"] == "encoder_option"]
+    assert [c["encoder"] for c in options] == ["gru_bf16", "attention"]
+    for c in options:
+        r = c["speedup_vs_gru"]
+        assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
+        assert _positive_finite(c["gru_devices_per_s"])
     for c in cases:
+        if c["case"] == "torch_reference":
+            continue
+        if c["case"] == "encoder_option":
+            assert _positive_finite(c["devices_per_s"])
+            continue
         assert _positive_finite(c["devices_per_s"]), c
         t = c["timing"]
         assert t["repeats"] >= 1 and len(t["repeats_s"]) == t["repeats"]
@@ -108,7 +136,7 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert set(s["adaptation"]["finetune_over_duet"]) == {"finetune_vmap_head_k2",
                                                           "finetune_loop_head_k2"}
     assert set(s["split_ms_per_device"]) == {"encoder", "decoder", "full"}
-    assert set(result["summary"]["acceptance"]) == {"vmap_vs_loop_at_least_10x",
+    assert set(result["summary"]["acceptance"]) >= {"vmap_vs_loop_at_least_10x",
                                                     "sequential_finetune_at_least_100x_duet"}
 
 

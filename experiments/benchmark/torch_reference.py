@@ -1,0 +1,269 @@
+"""The authors' generator design in PyTorch, timed side by side with ours (case
+``torch_reference``).
+
+What both sides compute, for a batch of B devices and the SASRec head (D = 32, L = 30):
+item ids ``[B, L]`` -> embedding -> ``Dense(D, tanh)`` -> GRU (state at the last valid step)
+-> ``Dense(D, tanh) -> Dense(D)`` = ``z [B, D]`` -> a 2-layer head written from ``z``
+(per layer ``W = z @ w1 + b1`` reshaped ``[B, in, out]``, ``b = z @ w2 + b2``) and applied to
+one user vector per device: ``Dense(D, tanh) -> Dense(D)`` -> ``[B, D]``.
+
+:class:`TorchGenerator` follows the design of the authors' public ``HyperNetwork_FC``
+(``torch.nn.GRU`` over the whole padded sequence, a gather at the last valid position, a
+``StackedDense`` to ``z``, one ``matmul`` per generated tensor and ``torch.bmm`` per head
+layer), written here from that description. Ours is ``jit(Duet.generate)`` for SASRec
+followed by the generated head on the user vector (SASRec's ``embed_sequence`` also adds a
+position embedding: one add, kept so that ours is exactly the generator the project
+ships). :func:`load_ours_into` copies our parameters into the torch module, so the test can
+check that both compute the same function.
+
+torch is an optional, benchmark-only dependency: this module imports it lazily, and the
+case is skipped (with a note in ``benchmark.json``) where it is not installed.
+
+Method: both sides get the same ids and user vectors, already in memory in each framework's
+own array type; the torch side runs under ``torch.inference_mode()`` with
+``torch.set_num_threads(T)``, where T is the size of this process's CPU affinity mask, which
+is also how many cores XLA-CPU's thread pool uses. Each side is warmed up at every batch
+size; a short sweep picks each side's best batch size; then ``paired_rounds`` rounds time
+the reference at its best batch, ours at the same batch and ours at its best batch, in an
+order that alternates from round to round, and report each round's ratio (median, range).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from duet_jax.duet import Duet
+from duet_jax.models import layers
+
+MODEL = "sasrec"  # the head both sides write: SASRec's Dense(D, tanh) -> Dense(D)
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (its affinity mask): XLA-CPU sizes its pool by it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def build_torch_generator(num_items: int, dim: int, seed: int = 0):
+    """A :class:`TorchGenerator` (defined inside, so importing this module needs no torch)."""
+    import torch
+
+    class TorchGenerator(torch.nn.Module):
+        """ids ``[B, L]`` (int64), user ``[B, D]`` -> the generated head's output ``[B, D]``.
+
+        Layout as the authors': ``torch.nn.GRU(batch_first=True)``, decoders ``w1 [Z, in*out]``,
+        ``b1 [in*out]``, ``w2 [Z, out]``, ``b2 [out]`` per head layer, init ``fmod(N(0,1), 2)``.
+        """
+
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(num_items + 1, dim, padding_idx=0)
+            self.seq_trans = torch.nn.Linear(dim, dim)
+            self.gru = torch.nn.GRU(dim, dim, batch_first=True)
+            self.mlp1 = torch.nn.Linear(dim, dim)
+            self.mlp2 = torch.nn.Linear(dim, dim)
+            units = (dim, dim, dim)
+            fmod = lambda *shape: torch.nn.Parameter(torch.fmod(torch.randn(*shape), 2))
+            self.w1 = torch.nn.ParameterList(
+                [fmod(dim, units[i] * units[i + 1]) for i in range(2)])
+            self.b1 = torch.nn.ParameterList([fmod(units[i] * units[i + 1]) for i in range(2)])
+            self.w2 = torch.nn.ParameterList([fmod(dim, units[i + 1]) for i in range(2)])
+            self.b2 = torch.nn.ParameterList([fmod(units[i + 1]) for i in range(2)])
+            self.units = units
+
+        def forward(self, seq, user):
+            batch = seq.shape[0]
+            lengths = torch.clamp((seq != 0).sum(dim=1) - 1, min=0)
+            h = torch.tanh(self.seq_trans(self.embedding(seq)))
+            states, _ = self.gru(h)
+            last = states[torch.arange(batch), lengths]
+            z = self.mlp2(torch.tanh(self.mlp1(last)))
+            x = user
+            for i in range(2):
+                weight = (z @ self.w1[i] + self.b1[i]).view(batch, self.units[i],
+                                                            self.units[i + 1])
+                bias = z @ self.w2[i] + self.b2[i]
+                x = torch.bmm(x.unsqueeze(1), weight).squeeze(1) + bias
+                if i == 0:
+                    x = torch.tanh(x)
+            return x
+
+    torch.manual_seed(seed)
+    return TorchGenerator().eval()
+
+
+def ours_fn(duet: Duet) -> Callable:
+    """``(params, seq [B, L], user [B, D]) -> [B, D]``: generate heads, apply each to its
+    device's user vector (the SASRec head's MLP)."""
+    def fn(params, seq, user):
+        heads = duet.generate(params, seq)
+        return layers.mlp(heads, user, (jnp.tanh, None))
+
+    return fn
+
+
+def load_ours_into(module, params: dict) -> None:
+    """Copy our SASRec DUET parameters into ``module`` (same function, PyTorch layout). Our
+    position embedding has no counterpart: zero it in ``params`` to compare outputs."""
+    import torch
+
+    bb, gen = params["backbone"], params["generator"]["params"]
+    enc = gen["encoder"]
+    t = lambda x: torch.from_numpy(np.array(x, np.float32))
+    with torch.no_grad():
+        module.embedding.weight.copy_(t(bb["item_embedding"]))
+        module.seq_trans.weight.copy_(t(bb["input_proj"]["kernel"]).T)
+        module.seq_trans.bias.copy_(t(bb["input_proj"]["bias"]))
+        module.gru.weight_ih_l0.copy_(t(enc["gru"]["kernel_ih"]).T)  # gate order r, z, n
+        module.gru.weight_hh_l0.copy_(t(enc["gru"]["kernel_hh"]).T)
+        module.gru.bias_ih_l0.copy_(t(enc["gru"]["bias_ih"]))
+        module.gru.bias_hh_l0.copy_(t(enc["gru"]["bias_hh"]))
+        for name, lin in (("dense1", module.mlp1), ("dense2", module.mlp2)):
+            lin.weight.copy_(t(enc[name]["kernel"]).T)
+            lin.bias.copy_(t(enc[name]["bias"]))
+        for i, layer in enumerate(("dense1", "dense2")):
+            kernel, bias = gen[f"decoder_{layer}__kernel"], gen[f"decoder_{layer}__bias"]
+            module.w1[i].copy_(t(kernel["kernel"]))  # [Z, in*out], row-major as ours
+            module.b1[i].copy_(t(kernel["bias"]))
+            module.w2[i].copy_(t(bias["kernel"]))
+            module.b2[i].copy_(t(bias["bias"]))
+
+
+def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray, ours, params,
+            torch_module) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(torch pass, our pass) over the same ``n`` devices in batches of ``batch`` (the last
+    padded with empty sequences), inputs placed before timing."""
+    import torch
+
+    calls = -(-n // batch)
+    s = np.zeros((calls * batch, seq.shape[1]), np.int32)
+    u = np.zeros((calls * batch, user.shape[1]), np.float32)
+    s[:n], u[:n] = seq[:n], user[:n]
+    jax_in = [(jax.device_put(s[i * batch:(i + 1) * batch]),
+               jax.device_put(u[i * batch:(i + 1) * batch])) for i in range(calls)]
+    torch_in = [(torch.from_numpy(s[i * batch:(i + 1) * batch].astype(np.int64)),
+                 torch.from_numpy(u[i * batch:(i + 1) * batch])) for i in range(calls)]
+    compiled = jax.jit(ours).lower(params, *jax_in[0]).compile()
+
+    def torch_pass():
+        with torch.inference_mode():
+            for sb, ub in torch_in:
+                torch_module(sb, ub)
+
+    def our_pass():
+        previous = None
+        for sb, ub in jax_in:  # one call in flight while the next is dispatched
+            out = compiled(params, sb, ub)
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = out
+        jax.block_until_ready(previous)
+
+    return torch_pass, our_pass
+
+
+def _seconds(run: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, ...],
+            rounds: int, sweep_repeats: int = 2, seed: int = 0, torch_threads: int = 0) -> dict:
+    """Time the torch reference against ours on the ``len(seq)`` devices ``seq [N, L]``.
+
+    ``torch_threads``: 0 = as many as XLA-CPU uses (the affinity mask: threads pinned
+    equal); another value is a probe (e.g. 1 on an oversubscribed machine, where torch's
+    OpenMP threads wait on each other). Returns the sweep (seconds per pass at every batch
+    size, best of ``sweep_repeats``, both sides warm), each side's best batch size and the
+    paired rounds at those."""
+    import torch
+
+    threads = cpu_threads()
+    torch.set_num_threads(torch_threads or threads)
+    n, dim = len(seq), duet.model.config.embed_dim
+    user = np.random.default_rng(seed + 1).normal(size=(n, dim)).astype(np.float32)
+    module = build_torch_generator(duet.model.config.num_items, dim, seed)
+    ours = ours_fn(duet)
+    passes = {b: _passes(n, b, seq, user, ours, params, module) for b in batch_sizes}
+    sweep: dict[str, dict[int, float]] = {"torch": {}, "ours": {}}
+    for b, (torch_pass, our_pass) in passes.items():
+        torch_pass(), our_pass()  # warm: allocations, thread pools, caches
+        for _ in range(sweep_repeats):  # alternate, so that load changes hit both
+            for side, run in (("torch", torch_pass), ("ours", our_pass)):
+                s = _seconds(run)
+                sweep[side][b] = min(sweep[side].get(b, float("inf")), s)
+    best_torch = min(sweep["torch"], key=sweep["torch"].get)
+    best_ours = min(sweep["ours"], key=sweep["ours"].get)
+    order = [("torch", passes[best_torch][0]), ("ours_same_batch", passes[best_torch][1]),
+             ("ours_best_batch", passes[best_ours][1])]
+    times: dict[str, list[float]] = {name: [] for name, _ in order}
+    for r in range(rounds):
+        for name, run in order if r % 2 == 0 else order[::-1]:
+            times[name].append(_seconds(run))
+
+    def ratios(name: str) -> dict:
+        per_round = [t / o for t, o in zip(times["torch"], times[name], strict=True)]
+        return {"median": float(np.median(per_round)), "min": min(per_round),
+                "max": max(per_round), "per_round": per_round}
+
+    return {
+        "num_devices": n, "threads": threads, "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__, "rounds": rounds,
+        "sweep_s": {side: {str(b): s for b, s in v.items()} for side, v in sweep.items()},
+        "sweep_devices_per_s": {side: {str(b): n / s for b, s in v.items()}
+                                for side, v in sweep.items()},
+        "torch_best_batch": best_torch, "ours_best_batch": best_ours,
+        "seconds": times,
+        "devices_per_s": {name: n / float(np.median(t)) for name, t in times.items()},
+        # each round: torch seconds / our seconds (> 1: ours faster)
+        "speedup_same_batch": ratios("ours_same_batch"),
+        "speedup_best_batch": ratios("ours_best_batch"),
+    }
+
+
+def case_rows(bench: Any) -> list[dict]:
+    """The benchmark rows of this case (``bench``: :class:`experiments.benchmark.cases.Bench`);
+    one row noting the skip where torch is not installed."""
+    c = bench.config
+    if not torch_available():
+        return [{"case": "torch_reference", "model": MODEL, "skipped": True,
+                 "note": "torch is not installed (pip install torch): case skipped"}]
+    duet, params = bench.duet(MODEL)
+    n = c.torch_reference.devices
+    result = compare(duet, params, bench.sequences(n), tuple(c.torch_reference.batch_sizes),
+                     c.paired_rounds, seed=c.seed, torch_threads=c.torch_reference.threads)
+    return [{"case": "torch_reference", "model": MODEL, "num_devices": n,
+             "devices_per_s": result["devices_per_s"]["ours_best_batch"],
+             "per_call_devices": result["ours_best_batch"], **result}]
+
+
+def _selfcheck() -> None:  # pragma: no cover - a manual smoke run
+    from duet_jax.models import ModelConfig, get_model
+
+    duet = Duet.create(get_model(MODEL, ModelConfig(num_items=1000)))
+    params = duet.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    seq = rng.integers(1, 1001, size=(4096, duet.model.config.seq_len)).astype(np.int32)
+    print(compare(duet, params, seq, (256, 1024), rounds=3)["speedup_best_batch"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _selfcheck()

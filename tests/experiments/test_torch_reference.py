@@ -1,0 +1,58 @@
+"""The PyTorch reference generator computes the same function as ours, so the benchmark's
+side-by-side timing compares like with like. Skipped where torch (benchmark-only) is absent."""
+
+import jax
+import numpy as np
+import pytest
+
+from duet_jax.duet import Duet
+from duet_jax.models import ModelConfig, get_model
+from experiments.benchmark import torch_reference
+
+torch = pytest.importorskip("torch")
+
+
+def _setup(n: int = 12):
+    config = ModelConfig(num_items=50, seq_len=7, embed_dim=8)
+    duet = Duet.create(get_model("sasrec", config))
+    params = duet.init(jax.random.key(3))
+    # the reference has no position embedding: zero ours so both compute one function
+    params["backbone"]["position_embedding"] = np.zeros_like(
+        params["backbone"]["position_embedding"])
+    rng = np.random.default_rng(0)
+    # glorot decoders with zero biases write small heads at init: perturb every generator
+    # parameter so that outputs are O(1) and a wiring error shows
+    params["generator"] = jax.tree.map(
+        lambda x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32), params["generator"])
+    lengths = rng.integers(1, config.seq_len + 1, n)
+    seq = rng.integers(1, config.num_items + 1, (n, config.seq_len)).astype(np.int32)
+    seq[np.arange(config.seq_len)[None] >= lengths[:, None]] = 0
+    user = rng.normal(size=(n, config.embed_dim)).astype(np.float32)
+    return duet, params, seq, user
+
+
+def test_torch_reference_equals_ours_with_copied_parameters():
+    duet, params, seq, user = _setup()
+    module = torch_reference.build_torch_generator(50, 8)
+    torch_reference.load_ours_into(module, params)
+    with torch.inference_mode():
+        want = module(torch.from_numpy(seq.astype(np.int64)), torch.from_numpy(user)).numpy()
+    got = np.asarray(jax.jit(torch_reference.ours_fn(duet))(params, seq, user))
+    # float32 throughout, different summation orders: a GRU of 7 steps and 4 dense layers of
+    # width 8, activations O(1) (tanh-bounded, xavier weights): each product carries
+    # ~8 * 2^-24 relative error and 7 + 4 such layers compound to ~1e-5 relative; 1e-4
+    # absolute on O(1) outputs leaves room, while any wiring error (gate order, transposed
+    # kernel, wrong gather) moves outputs by O(0.1).
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(want).max() > 0.1  # not trivially zero
+
+
+def test_compare_reports_paired_ratios():
+    duet, params, seq, _ = _setup(40)
+    result = torch_reference.compare(duet, params, seq, (8, 16), rounds=2, sweep_repeats=1)
+    assert result["torch_best_batch"] in (8, 16) and result["ours_best_batch"] in (8, 16)
+    assert result["threads"] == result["torch_threads"] >= 1
+    for key in ("speedup_same_batch", "speedup_best_batch"):
+        r = result[key]
+        assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
+        assert all(np.isfinite(r["per_round"])) and r["min"] > 0

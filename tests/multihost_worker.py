@@ -1,0 +1,69 @@
+"""One process of the 2-process test (tests/test_multihost.py), or the single-process run it
+is compared with:
+
+    python -m tests.multihost_worker OUT_DIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
+
+Sharded SASRec head generation (each process places only its share of the rows, then the
+heads are gathered) and the benchmark's scaling case; process 0 writes ``OUT_DIR/heads.npz``
+and ``OUT_DIR/scaling.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+SIZES = dict(num_items=50, seq_len=7, embed_dim=8)
+DEVICES = 24  # rows of the generation check: splits evenly over 1 or 2 processes
+
+
+def main(out_dir: str, coordinator: str | None = None, num_processes: int = 1,
+         process_id: int = 0) -> None:
+    if coordinator:
+        # CPU devices talk through gloo (the CPU client has no collectives otherwise)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from duet_jax import files, sharding  # after the config update, before any backend use
+
+    sharding.initialize_distributed(coordinator, num_processes if coordinator else None,
+                                    process_id if coordinator else None)
+    from jax.experimental import multihost_utils
+
+    from duet_jax.duet import Duet
+    from duet_jax.models import ModelConfig, get_model
+    from experiments.benchmark import scaling
+
+    assert jax.process_count() == num_processes, jax.process_count()
+    duet = Duet.create(get_model("sasrec", ModelConfig(**SIZES)))
+    mesh = sharding.device_mesh()
+    params = sharding.replicate(duet.init(jax.random.key(0)), mesh)
+    seq = scaling.random_sequences(np.random.default_rng(1), DEVICES, SIZES["seq_len"],
+                                   SIZES["num_items"])
+    # every process made the same global rows; it places only its own contiguous share
+    local = sharding.process_rows(seq)
+    assert len(local) == DEVICES // num_processes
+    rows = sharding.shard_devices(local, mesh)
+    heads = sharding.sharded_generate(duet, mesh)(params, rows)
+    assert all(sharding.is_split(leaf, mesh) for leaf in jax.tree.leaves(heads))
+    gathered = multihost_utils.process_allgather(heads, tiled=True)
+    # the same global batch (32 rows) however many processes share it
+    row = scaling.measure(model="sasrec", **SIZES, devices=64,
+                          per_accelerator_batch=32 // num_processes, repeats=1, seed=0)
+    if jax.process_index() == 0:  # process 0 writes the outputs
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(gathered)}
+        np.savez(os.path.join(out_dir, "heads.npz"), **flat)
+        files.write_text_atomic(os.path.join(out_dir, "scaling.json"), json.dumps(row))
+    if coordinator:
+        jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if len(args) == 1:
+        main(args[0])
+    else:
+        main(args[0], args[1], int(args[2]), int(args[3]))
