@@ -9,8 +9,9 @@ so any task whose device data can be embedded into ``[L, D]`` rows can use any e
 Built in: ``"gru"`` (the paper's: a GRU over the sequence, its state at the last valid
 step, then ``Dense(hidden, tanh) -> Dense(Z)``); opt-in, for speed: ``"gru_bf16"`` (the
 same GRU in bfloat16, same parameters) and ``"attention"`` (attention pooling, no
-recurrence). Register others with
-:func:`register_encoder`.
+recurrence); for sets rather than sequences: ``"set"`` (permutation-invariant masked mean
+plus attention pooling, used by the image task over a device's unlabelled images).
+Register others with :func:`register_encoder`.
 """
 
 from __future__ import annotations

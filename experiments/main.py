@@ -36,6 +36,11 @@ def default_workdir(config_file: str, model: str) -> str:
 def main(argv):
     cli.start(argv)
     config = _CONFIG.value
+    if config.get("task", "recommendation") == "vision":  # the image task has its own job
+        from experiments import vision
+        name = config_flags.get_config_filename(flags.FLAGS["config"])
+        vision.main_job(config, _WORKDIR.value or default_workdir(name, config.model))
+        return
     config_lib.validate(config)
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = _WORKDIR.value or default_workdir(config_file, config.model)

@@ -48,6 +48,7 @@ ShapeDtypeStruct(shape=(4, 8), dtype=float32)
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import types
 from collections.abc import Mapping
@@ -90,6 +91,8 @@ _REGISTRY: dict[str, ModelImpl] = dict(BUILTIN)
 
 # Read-only view of the registry (name -> model); add models with register_model.
 MODELS: Mapping[str, ModelImpl] = types.MappingProxyType(_REGISTRY)
+# built-in models that live in another task's package: name -> the module registering it
+_BUILT_IN_ELSEWHERE = {"mobilenet": "duet_jax.vision"}
 
 
 def _protocol_problems(impl: Any) -> list[str]:
@@ -165,6 +168,9 @@ class DeviceModel:
 
     def __post_init__(self):
         if self.impl is None:
+            if self.name not in _REGISTRY and self.name in _BUILT_IN_ELSEWHERE:
+                # built-in models of other tasks register themselves on import
+                importlib.import_module(_BUILT_IN_ELSEWHERE[self.name])
             if self.name not in _REGISTRY:
                 raise ConfigError("config.model", self.name, f"one of {sorted(_REGISTRY)}")
             object.__setattr__(self, "impl", _REGISTRY[self.name])

@@ -22,10 +22,10 @@ from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
 from duet_jax.generator import ParameterGenerator
 from duet_jax.models import ModelConfig, get_model
-from experiments.benchmark import scaling, torch_reference
+from experiments.benchmark import scaling, torch_reference, vision_case
 
 CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling",
-               "torch_reference", "encoders"}
+               "torch_reference", "encoders", "vision"}
 # the opt-in encoders timed against the default "gru" (case group "encoders")
 OPTIONAL_ENCODERS = ("gru_bf16", "attention")
 
@@ -385,4 +385,6 @@ def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
         out.append(("torch reference", lambda: torch_reference.case_rows(bench)))
     if "scaling" in groups:
         out.append(("scaling", bench.scaling))
+    if "vision" in groups:  # the image task's MobileNet-style head, set encoder
+        out += vision_case.tasks(bench)
     return out
