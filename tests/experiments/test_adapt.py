@@ -20,6 +20,7 @@ def _config():
     return config
 
 
+@pytest.mark.slow  # a whole job end to end (20-35 s); CI runs it
 def test_main_job_runs_controls_and_scores_every_trigger_variant(tmp_path):
     config = _config()
     config.methods = "base,base_wide,duet_shuffled,duet_mean"  # duet is trained for them

@@ -62,6 +62,7 @@ def _positive_finite(value):
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow  # a whole job end to end (20-35 s); CI runs it
 def test_quick_benchmark_writes_every_case(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     malloc = [f"--malloc_keep_freed={GLIBC}"]  # applied (and recorded) where it exists

@@ -47,6 +47,7 @@ def test_shipped_config_names_resolve_to_files():
 
 
 @pytest.mark.skipif(shutil.which("duet-train") is None, reason="package not pip-installed")
+@pytest.mark.slow  # a whole job end to end (20-35 s); CI runs it
 def test_console_script_runs_from_any_directory(tmp_path):
     """``duet-train`` after ``pip install``: no clone on the path, shipped default config."""
     from tests.experiments.test_main import TINY

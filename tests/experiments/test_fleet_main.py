@@ -43,6 +43,7 @@ def _metrics(total: dict) -> dict:
     return {k: v for k, v in total.items() if k in METRICS or k.startswith(RANKING)}
 
 
+@pytest.mark.slow  # a whole job end to end (20-35 s); CI runs it
 def test_fleet_job_writes_records_totals_table_and_plots(tmp_path):
     run = _fleet(f"--workdir={tmp_path}", *FLEET_TINY)
     assert run.returncode == 0, run.stderr[-3000:]

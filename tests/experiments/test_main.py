@@ -63,7 +63,7 @@ def _main(*args, cwd=ROOT, timeout: int = 600):
     return run_module("experiments.main", *args, cwd=cwd, timeout=timeout)
 
 
-@pytest.mark.parametrize("model", ["sasrec", "din"])
+@pytest.mark.parametrize("model", ["sasrec", pytest.param("din", marks=pytest.mark.slow)])
 def test_main_job_writes_results(model, tmp_path):
     run = _main(
         "--config=experiments/configs/synthetic.py",
@@ -86,6 +86,7 @@ def test_main_job_writes_results(model, tmp_path):
     assert "| model | method | auc |" in table and table in run.stdout
 
 
+@pytest.mark.slow  # a whole job end to end (20-35 s); CI runs it
 def test_defaults_need_no_flags_and_rerun_resumes(tmp_path):
     """No --config and no --workdir: synthetic config, workdir under the current directory."""
     first = _main(*TINY, cwd=tmp_path)
@@ -154,6 +155,7 @@ def real_tiny(real_data_dir, tmp_path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # a whole job end to end (20-35 s); CI runs it
 def test_main_job_runs_on_real_movielens(real_data_dir, tmp_path):
     run = _main("--config=experiments/configs/movielens_100k.py",
                 *real_tiny(real_data_dir, tmp_path))

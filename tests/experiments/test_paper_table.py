@@ -27,6 +27,7 @@ def _run(workdir, *extra):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow  # a whole job end to end (20-35 s); CI runs it
 def test_paper_table_runs_cells_summarises_and_resumes(tmp_path):
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -43,6 +43,7 @@ def _check(workdir, stdout):
     return rows
 
 
+@pytest.mark.slow  # a whole job end to end (20-35 s); CI runs it
 def test_tiny_digits_job_through_main(tmp_path):
     stdout = _main(os.path.join(ROOT, "experiments/configs/digits.py") + ":tiny", tmp_path, 1200)
     rows = _check(tmp_path, stdout)
