@@ -33,14 +33,13 @@ import json
 import os
 import sys
 import threading
-import time
 
 import jax
 import numpy as np
 
 from duet_jax import cache, delivery, files
+from duet_jax.bucketed_engine import BucketedEngine
 from duet_jax.cloud import UPLOADS
-from duet_jax.data.batching import bucket_size
 from duet_jax.errors import ConfigError
 
 EXPORT_FORMAT = 1
@@ -92,14 +91,14 @@ def export_run(run, directory: str, uploads: tuple[str, ...] = UPLOADS,
     return manifest
 
 
-class ExportedEngine:
+class ExportedEngine(BucketedEngine):
     """:class:`duet_jax.serving.engine.Engine`'s interface over an exported directory: no
     model code, only the serialized functions and the parameters."""
 
     def __init__(self, directory: str, max_batch: int = 64, min_bucket: int = 1,
                  uploads: tuple[str, ...] = UPLOADS,
                  formats: tuple[str, ...] = delivery.FORMATS):
-        from duet_jax.serving.engine import Layout, buckets
+        from duet_jax.serving.engine import Layout
 
         def fail(expected: str) -> ConfigError:
             return ConfigError("--exported", directory, expected)
@@ -145,33 +144,10 @@ class ExportedEngine:
                                f"{entry['calling_convention_version']}): {err}") from None
                 self._fns[kind, fmt] = jax.jit(exported.call)
         self.params = jax.device_put(self.params)
-        self._buckets = buckets(max_batch, min_bucket)
         self._lock = threading.Lock()
 
-    def buckets(self) -> list[int]:
-        return list(self._buckets)
-
-    def example(self, kind: str, n: int) -> np.ndarray:
-        if kind == "ids":
-            return np.ones((n, self.seq_len), np.int32)
-        return np.zeros((n, self.z_dim), np.float32)
-
-    def warm_up(self, sizes: list[int] | None = None) -> float:
-        start = time.perf_counter()
-        for kind, fmt in self._fns:
-            for size in sizes or self.buckets():
-                self.run(kind, fmt, self.example(kind, size))
-        return time.perf_counter() - start
-
     def run(self, kind: str, fmt: str, x: np.ndarray) -> tuple[list, float]:
-        n = len(x)
-        size = bucket_size(n, self.min_bucket, self.max_batch)
-        if n < size:
-            x = np.concatenate([x, np.repeat(x[:1], size - n, axis=0)])
-        with self._lock:
-            start = time.perf_counter()
-            out = jax.block_until_ready(self._fns[kind, fmt](*self.params, x))
-            seconds = time.perf_counter() - start
+        out, n, seconds = self._call(kind, fmt, x, *self.params)
         out = [np.asarray(o)[:n] for o in out]
         if fmt == "int8":  # leaves of {"q", "scale"} dicts flatten as q, scale
             return [(out[i], out[i + 1]) for i in range(0, len(out), 2)], seconds

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import os
 import threading
-import time
 from typing import Any
 
 import jax
@@ -26,8 +25,8 @@ import numpy as np
 import optax
 
 from duet_jax import cache, delivery
+from duet_jax.bucketed_engine import BucketedEngine, buckets  # noqa: F401  (re-exported)
 from duet_jax.cloud import UPLOADS
-from duet_jax.data.batching import bucket_size
 from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
 from duet_jax.lowrank import materialize
@@ -182,16 +181,6 @@ def _flat(tree: Any) -> list:
                 tree, is_leaf=lambda x: isinstance(x, tuple))[0]]
 
 
-def buckets(max_batch: int, min_bucket: int = 1) -> list[int]:
-    """The padded batch sizes the server compiles: powers of two up to ``max_batch``."""
-    out, size = [], bucket_size(1, min_bucket, max_batch)
-    while True:
-        out.append(size)
-        if size >= max_batch:
-            return out
-        size = bucket_size(size + 1, min_bucket, max_batch)
-
-
 def payload_leaves(spec: HeadSpec, payload: Any, fmt: str) -> list:
     """A delivery payload as a flat list in leaf order: arrays (float32, bfloat16) or
     ``(q, scale)`` pairs (int8)."""
@@ -201,7 +190,7 @@ def payload_leaves(spec: HeadSpec, payload: Any, fmt: str) -> list:
     return list(parts)
 
 
-class Engine:
+class Engine(BucketedEngine):
     """Batched generation for one trained DUET: ``run(kind, fmt, x)`` -> payload leaves.
 
     Rows are padded (repeating row 0) to a power-of-two bucket in ``[min_bucket,
@@ -236,34 +225,10 @@ class Engine:
 
         return jax.jit(fn)
 
-    def buckets(self) -> list[int]:
-        return buckets(self.max_batch, self.min_bucket)
-
-    def example(self, kind: str, n: int) -> np.ndarray:
-        """A valid input of ``n`` rows (for warm-up)."""
-        if kind == "ids":
-            return np.ones((n, self.seq_len), np.int32)
-        return np.zeros((n, self.z_dim), np.float32)
-
-    def warm_up(self, sizes: list[int] | None = None) -> float:
-        """Compile and run every (kind, fmt, bucket); -> seconds taken."""
-        start = time.perf_counter()
-        for kind, fmt in self._fns:
-            for size in sizes or self.buckets():
-                self.run(kind, fmt, self.example(kind, size))
-        return time.perf_counter() - start
-
     def run(self, kind: str, fmt: str, x: np.ndarray) -> tuple[list, float]:
         """``x [n, ...]`` (n <= max_batch) -> (payload leaves, numpy ``[n, ...]``; seconds of
         the jitted call, host transfer included)."""
-        n = len(x)
-        size = bucket_size(n, self.min_bucket, self.max_batch)
-        if n < size:
-            x = np.concatenate([x, np.repeat(x[:1], size - n, axis=0)])
-        with self._lock:
-            start = time.perf_counter()
-            out = jax.block_until_ready(self._fns[kind, fmt](self.params, x))
-            seconds = time.perf_counter() - start
+        out, n, seconds = self._call(kind, fmt, x, self.params)
         leaves = payload_leaves(self.spec, out, fmt)
         cut = functools.partial(_cut, n=n)
         return [jax.tree.map(cut, leaf) for leaf in leaves], seconds
