@@ -63,6 +63,8 @@ class Generator:
                                     batch_size_fn=_rows)(self._batch)
 
     async def _batch(self, items: list[tuple[str, str, np.ndarray]]) -> list:
+        from duet_jax.serving.batcher import leaf_rows
+
         out: list = [None] * len(items)
         groups: dict[tuple[str, str], list[int]] = {}
         for i, (kind, fmt, _) in enumerate(items):
@@ -80,7 +82,7 @@ class Generator:
             start = 0
             for i in idx:
                 n = len(items[i][2])
-                out[i] = ([_slice(leaf, start, n) for leaf in leaves],
+                out[i] = ([leaf_rows(leaf, start, n) for leaf in leaves],
                           {"generation_s": seconds, "batch_rows": len(x), "queue_s": None})
                 start += n
         return out
@@ -111,12 +113,6 @@ def _concat(xs: list):
     if isinstance(xs[0], tuple):
         return tuple(np.concatenate(p) for p in zip(*xs, strict=True))
     return np.concatenate(xs)
-
-
-def _slice(leaf, start: int, n: int):
-    if isinstance(leaf, tuple):
-        return tuple(x[start:start + n] for x in leaf)
-    return leaf[start:start + n]
 
 
 def deployment(checkpoint: str, replicas: int = 1, cpus_per_replica: float = 1.0,

@@ -168,14 +168,15 @@ class DynamicBatcher:
             start = 0
             for i in items:
                 n = len(i.x)
-                part = [_rows(leaf, start, n) for leaf in leaves]
+                part = [leaf_rows(leaf, start, n) for leaf in leaves]
                 info = BatchInfo(seconds, len(x), started - i.enqueued)
                 if not i.future.done():  # a client that went away has cancelled it
                     i.future.set_result((part, info))
                 start += n
 
 
-def _rows(leaf: Any, start: int, n: int) -> Any:
+def leaf_rows(leaf: Any, start: int, n: int) -> Any:
+    """Rows ``start:start + n`` of one payload leaf: an array, or an int8 ``(q, scale)`` pair."""
     if isinstance(leaf, tuple):
         return tuple(x[start:start + n] for x in leaf)
     return leaf[start:start + n]
