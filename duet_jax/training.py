@@ -209,13 +209,19 @@ def identity_diff(saved: dict, current: dict) -> list[str]:
     ]
 
 
-def _check_run_config(workdir: str, identity: dict) -> None:
-    """Store ``identity`` in a fresh workdir; refuse a workdir whose run differs from it."""
+def _check_run_config(workdir: str, identity: dict, defaults: dict | None = None) -> None:
+    """Store ``identity`` in a fresh workdir; refuse a workdir whose run differs from it.
+
+    ``defaults``: identity-shaped (``{"config": {...}}``) default settings; fields the stored
+    identity lacks (added to the code after the run started) are taken from it first, so a
+    run made before a field existed resumes when that field keeps its default."""
     path = os.path.join(workdir, "run_config.json")
     saved = cache.read_json(path)
     if saved is None:
         files.write_text_atomic(path, files.dumps(identity, sort_keys=True))
         return
+    if defaults is not None:
+        saved = cache.with_defaults(saved, cache.canonical(defaults))
     if saved.get("format") != RUN_CONFIG_FORMAT:
         raise ConfigError(
             "--workdir",
@@ -361,6 +367,7 @@ def train_and_evaluate(
     run_config: dict | None = None,
     on_step: Callable[[int], None] | None = None,
     name: str | None = None,
+    run_defaults: dict | None = None,
 ) -> TrainResult:
     """Train ``method`` on ``data.train``, select on ``data.val``, report ``data.test``.
 
@@ -370,7 +377,8 @@ def train_and_evaluate(
     ``workdir`` and must match on resume; ``config``'s :data:`BUDGET_FIELDS` may change
     (see :func:`_check_budget`) and its :data:`COSMETIC_FIELDS` are free. ``on_step(step)`` is
     called after every optimiser step (logging, tests); ``name`` labels the progress bar
-    (default: the method's name).
+    (default: the method's name). ``run_defaults``: ``run_config``-shaped default settings
+    that complete a stored identity written before a field existed (``_check_run_config``).
 
     Raises :class:`~duet_jax.errors.DivergenceError` when training diverges (the run's files
     are moved to ``workdir/diverged-lr<rate>``, module docstring) and
@@ -378,7 +386,7 @@ def train_and_evaluate(
     """
     with files.workdir_lock(workdir):
         result, diverged = _train(method, data, config, workdir, seed, run_config, on_step,
-                                  name)
+                                  name, run_defaults)
         if diverged is None:
             return result
         moved = _set_aside_diverged(workdir, config.learning_rate)
@@ -391,12 +399,13 @@ def train_and_evaluate(
     )
 
 
-def _train(method, data, config, workdir, seed, run_config, on_step, name
+def _train(method, data, config, workdir, seed, run_config, on_step, name, run_defaults=None
            ) -> tuple[TrainResult | None, str | None]:
     """:func:`train_and_evaluate` inside the workdir lock: ``(result, None)``, or
     ``(None, why)`` when the run diverged (its files are left for the caller to move)."""
     identity = workdir_identity(method.name, seed, data.fingerprint(), config, run_config)
-    _check_run_config(workdir, identity)
+    _check_run_config(workdir, identity,
+                      None if run_defaults is None else {"config": run_defaults})
     optimizer = optax.adam(config.learning_rate)
     # Copy so no two leaves share a buffer (the train step donates its input state).
     params = jax.tree.map(jnp.copy, method.init(jax.random.key(seed)))

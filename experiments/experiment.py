@@ -19,7 +19,7 @@ from duet_jax.data.samples import Splits, with_trigger
 from duet_jax.data.synthetic import build_synthetic
 from duet_jax.duet import Duet
 from duet_jax.errors import DataError
-from duet_jax.methods import get_method, method_spec, score_at_test_time
+from duet_jax.methods import DuetOptions, get_method, method_spec, score_at_test_time
 from duet_jax.metrics import METRIC_NAMES, METRICS_VERSION
 from duet_jax.models import get_model
 from duet_jax.training import TrainResult, predict, train_and_evaluate
@@ -184,9 +184,12 @@ def train_method(
     run_config = dict(config_lib.run_identity(config) if identity is None else identity)
     method = build_method(config, model, name, base_params)
     spec = method_spec(name)
+    run_defaults = None
     if spec.uses_generator or spec.generator_of:
         duet_options = config_lib.duet_options(config, spec.generator_of or name)
         run_config["generator"] = dataclasses.asdict(duet_options)
+        # a generator option added after a run started resumes it at its default value
+        run_defaults = {"generator": dataclasses.asdict(DuetOptions())}
         if spec.uses_generator and duet_options.training == "two_stage":
             run_config["base_params"] = cache.arrays_digest(base_params)
     logging.info("training %s/%s in %s", model.name, name, run_dir)
@@ -198,6 +201,7 @@ def train_method(
         seed=config.seed,
         run_config=run_config,
         name=f"{model.name}/{name}",
+        run_defaults=run_defaults,
     )
 
 

@@ -272,6 +272,29 @@ def test_resuming_with_another_config_is_refused_naming_only_what_differs(data, 
     assert steps == []
 
 
+def test_a_field_added_later_resumes_at_its_default_and_is_refused_otherwise(data, tmp_path):
+    """A run whose stored identity predates a field (here ``generator.encoder``) resumes when
+    the field keeps its default, and is refused when the field is set to something else."""
+    config = TrainConfig(num_epochs=1, batch_size=64, progress=False)
+    workdir = str(tmp_path)
+    old = {"lr": 1, "generator": {"hidden_dim": 32}}
+    train_and_evaluate(_method("base", data), data, config, workdir, seed=0, run_config=old)
+    defaults = {"generator": {"hidden_dim": 32, "encoder": "gru"}}
+
+    def rerun(encoder):
+        now = {"lr": 1, "generator": {"hidden_dim": 32, "encoder": encoder}}
+        return train_and_evaluate(_method("base", data), data, config, workdir, seed=0,
+                                  run_config=now, run_defaults=defaults)
+
+    assert rerun("gru").history  # resumed: the stored run is complete
+    with pytest.raises(ConfigError, match=r"config.generator.encoder: 'gru' -> 'attention'"):
+        rerun("attention")
+    with pytest.raises(ConfigError, match=r"config.generator.encoder: None -> 'gru'"):
+        train_and_evaluate(_method("base", data), data, config, workdir, seed=0,
+                           run_config={"lr": 1, "generator": {"hidden_dim": 32,
+                                                              "encoder": "gru"}})
+
+
 def test_a_run_config_in_an_older_layout_is_refused(data, tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps({"seed": 0, "train": {}}))
     config = TrainConfig(num_epochs=1, batch_size=64, progress=False)
