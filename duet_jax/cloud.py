@@ -7,10 +7,18 @@ the device axis is sharded over all of them with a 1-d :class:`jax.sharding.Mesh
 (parameters replicated); with one device it runs unsharded. Timings exclude compilation:
 each bucket shape is compiled and run once before it is first timed.
 
+Multi-host (``jax.distributed``, a mesh spanning processes): every process runs the same
+simulation and so holds the same requests; each places only its own block of every padded
+bucket (:func:`duet_jax.sharding.put_global_rows`), generation runs sharded over the global
+mesh, and the heads are gathered back onto every process
+(:func:`duet_jax.sharding.to_host`), so callers get whole numpy heads as on one host. Every
+process must then make the same calls in the same order (the gathers are collectives).
+
 What a device uploads (``upload``):
 
 - ``ids``: its trigger sequence, the raw item ids (int32, 4 bytes per non-padding id). The
-  cloud embeds them with the backbone, encodes them to ``z`` and decodes the head.
+  cloud embeds them with the backbone, encodes them to ``z`` and decodes the head, reading
+  the per-item tables of :meth:`duet_jax.duet.Duet.prepare` (made once at construction).
 - ``z``: only the generator's encoding ``z [Z]`` (float32, 4 bytes per value), computed on
   the device with its backbone and the generator's encoder (both shipped with the app); no
   item id leaves the device, and the cloud runs the decoders alone.
@@ -65,9 +73,14 @@ class Cloud:
             raise ValueError(f"upload {upload!r}: expected one of {UPLOADS}")
         self.duet, self.upload = duet, upload
         self.mesh = default_mesh() if mesh == "auto" else mesh
+        # buckets are multiples of the mesh's size: over several processes, every
+        # accelerator of every process
         shards = self.mesh.devices.size if self.mesh is not None else 1
         self.min_bucket, self.max_bucket = min_bucket, max(max_bucket, shards)
         self.shards = shards
+        self.multihost = self.mesh is not None and sharding.spans_processes(self.mesh)
+        if self.multihost:
+            sharding.check_process_blocks(self.mesh)
         if self.mesh is not None:
             self._rows = sharding.device_sharding(self.mesh)
             params = jax.device_put(params, sharding.replicated(self.mesh))
@@ -80,9 +93,14 @@ class Cloud:
         # A device receives the head in the template's structure, so low-rank kernels are
         # formed (materialize) before delivery.
         if upload == "ids":
-            self._serve = jax.jit(lambda p, seqs: materialize(duet.generate(p, seqs)))
+            # the per-item tables (Duet.prepare), made once for these parameters
+            prepared = jax.jit(duet.prepare)(params)
+            self._inputs = (jax.device_put(prepared, sharding.replicated(self.mesh))
+                            if self.mesh is not None else prepared)
+            self._serve = jax.jit(lambda p, seqs: materialize(duet.generate_prepared(p, seqs)))
         else:
             # decoders run batched on z [n, Z], as in Duet.generate
+            self._inputs = params
             self._serve = jax.jit(lambda p, z: materialize(
                 gen.apply(p["generator"], z, method=gen.decode)))
         self._warm: set[int] = set()
@@ -104,7 +122,7 @@ class Cloud:
         parts = []
         for rows, bucket in self._chunks(len(seqs)):
             z = self._encode(self.params, self._put(_pad(seqs[rows], bucket)))
-            parts.append(np.asarray(z)[: rows.stop - rows.start])
+            parts.append(self._host(z)[: rows.stop - rows.start])
         z = np.concatenate(parts).astype(np.float32)
         return z, np.full(len(seqs), Z_BYTES * z.shape[-1], np.int64)
 
@@ -119,17 +137,23 @@ class Cloud:
         ]
 
     def _put(self, x: np.ndarray) -> jax.Array:
+        if self.multihost:  # this process's block of the global rows
+            return sharding.put_global_rows(x, self.mesh)
         return jax.device_put(x, self._rows) if self._rows is not None else jax.device_put(x)
+
+    def _host(self, tree: Any) -> Any:
+        """Outputs as numpy; over several processes, gathered onto every one."""
+        return sharding.to_host(tree) if self.multihost else jax.tree.map(np.asarray, tree)
 
     def _call(self, chunk: np.ndarray, bucket: int) -> tuple[Any, float]:
         padded = _pad(chunk, bucket)
         if bucket not in self._warm:  # compile and run once outside the timing
-            jax.block_until_ready(self._serve(self.params, self._put(padded)))
+            jax.block_until_ready(self._serve(self._inputs, self._put(padded)))
             self._warm.add(bucket)
         start = time.perf_counter()
-        heads = jax.block_until_ready(self._serve(self.params, self._put(padded)))
+        heads = jax.block_until_ready(self._serve(self._inputs, self._put(padded)))
         seconds = time.perf_counter() - start
-        return jax.tree.map(lambda x: np.asarray(x)[: len(chunk)], heads), seconds
+        return jax.tree.map(lambda x: x[: len(chunk)], self._host(heads)), seconds
 
     def serve(self, uploads: np.ndarray) -> tuple[Any, float]:
         """Heads for all of a round's uploads (numpy leaves ``[n, ...]``) and the seconds the

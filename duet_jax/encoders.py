@@ -12,10 +12,16 @@ same GRU in bfloat16, same parameters) and ``"attention"`` (attention pooling, n
 recurrence); for sets rather than sequences: ``"set"`` (permutation-invariant masked mean
 plus attention pooling, used by the image task over a device's unlabelled images).
 Register others with :func:`register_encoder`.
+
+Token projections (:class:`TokenProjection`, :func:`token_projection`): an encoder whose
+first step maps each row on its own (the GRU's input projections) can have that step
+computed once per token of a vocabulary and gathered at generation time
+(:meth:`duet_jax.duet.Duet.prepare`); ``"gru"`` and ``"gru_bf16"`` have one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +60,46 @@ class SequenceEncoder(nn.Module):
         return dense(self.z_dim, "dense2")(jnp.tanh(dense(self.hidden_dim, "dense1")(last)))
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenProjection:
+    """An encoder split at its per-row first step, as pure functions of its parameters
+    (the ``"encoder"`` entry of the generator's parameters):
+
+    - ``project(params, rows [..., F]) -> projected`` (a tuple of ``[..., K]`` arrays): what
+      the encoder's first step makes of each row on its own;
+    - ``encode(params, projected, mask) -> z [*batch, Z]``: the rest, on the projected rows
+      of the devices' sequences, time-major (each ``[L, *batch, K]``, ``mask [L, *batch]``),
+      so a batch of devices runs without a transpose.
+
+    For one device, ``encode(p, project(p, H), mask)`` equals the module's
+    ``encoder(H, mask)`` up to float summation order.
+    """
+
+    project: Callable[[dict, Array], tuple[Array, ...]]
+    encode: Callable[[dict, tuple[Array, ...], Array], Array]
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    return tree if dtype == jnp.float32 else jax.tree.map(lambda p: p.astype(dtype), tree)
+
+
+def _dense(params: dict, x: Array) -> Array:
+    """``x @ kernel + bias``: what ``nn.Dense`` computes with these parameters."""
+    return x @ params["kernel"] + params["bias"]
+
+
+def _gru_projection(dtype: Any) -> TokenProjection:
+    def project(params: dict, rows: Array) -> tuple[Array, ...]:
+        return layers.gru_input_gates(_cast(params["gru"], dtype), rows.astype(dtype))
+
+    def encode(params: dict, gates: tuple[Array, ...], mask: Array) -> Array:
+        last = layers.gru_recurrence(_cast(params["gru"], dtype), gates, mask)
+        hidden = jnp.tanh(_dense(params["dense1"], last.astype(jnp.float32)))
+        return _dense(params["dense2"], hidden)
+
+    return TokenProjection(project, encode)
+
+
 class AttentionPoolEncoder(nn.Module):
     """A parallel (non-recurrent) encoder: attention pooling over ``H [L, D]``.
 
@@ -88,13 +134,28 @@ _ENCODERS: dict[str, EncoderFactory] = {
 }
 
 
-def register_encoder(name: str, factory: EncoderFactory) -> None:
-    """Make ``factory(hidden_dim=, z_dim=)`` available as ``ParameterGenerator(encoder=name)``."""
+_PROJECTIONS: dict[str, TokenProjection] = {
+    "gru": _gru_projection(jnp.float32),
+    "gru_bf16": _gru_projection(jnp.bfloat16),
+}
+
+
+def register_encoder(name: str, factory: EncoderFactory,
+                     projection: TokenProjection | None = None) -> None:
+    """Make ``factory(hidden_dim=, z_dim=)`` available as ``ParameterGenerator(encoder=name)``;
+    ``projection``, if given, is its split at a per-row first step (:class:`TokenProjection`)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"encoder name must be a non-empty string, got {name!r}")
     if name in _ENCODERS and _ENCODERS[name] is not factory:
         raise ValueError(f"encoder {name!r} is already registered")
     _ENCODERS[name] = factory
+    if projection is not None:
+        _PROJECTIONS[name] = projection
+
+
+def token_projection(kind: str) -> TokenProjection | None:
+    """The :class:`TokenProjection` of encoder ``kind``, or None when it has none."""
+    return _PROJECTIONS.get(kind)
 
 
 def encoder_names() -> tuple[str, ...]:

@@ -57,7 +57,9 @@ def export_run(run, directory: str, uploads: tuple[str, ...] = UPLOADS,
     -> the manifest."""
     from duet_jax.serving.engine import Engine, Layout
 
-    engine = Engine(run, max_batch=1, uploads=uploads, formats=formats)
+    # the parameters alone ({"params": ...}: no per-item tables), so the artefact holds
+    # exactly the checkpoint's parameters and its version is their digest
+    engine = Engine(run, max_batch=1, uploads=uploads, formats=formats, prepare=False)
     flat, treedef = jax.tree.flatten(run.params)
     param_specs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in flat]
     (b,) = jax.export.symbolic_shape("b")
@@ -69,7 +71,7 @@ def export_run(run, directory: str, uploads: tuple[str, ...] = UPLOADS,
     for (kind, fmt), jitted in engine._fns.items():
         def fn(*args, jitted=jitted):
             params = jax.tree.unflatten(treedef, args[:-1])
-            return jax.tree.leaves(jitted(params, args[-1]))
+            return jax.tree.leaves(jitted({"params": params}, args[-1]))
 
         exported = jax.export.export(jax.jit(fn))(*param_specs, x_specs[kind])
         name = _fn_file(kind, fmt)

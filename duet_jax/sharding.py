@@ -53,6 +53,30 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     return True
 
 
+def distributed_process() -> tuple[int, int]:
+    """``(this process's index, the process count)`` of a ``jax.distributed`` run, ``(0, 1)``
+    without one, read from the coordination state: unlike ``jax.process_index()`` it starts
+    no accelerator backend (which would take the accelerators' memory)."""
+    from jax._src import distributed  # the coordination state; no public accessor
+
+    state = distributed.global_state
+    if state.client is None:
+        return 0, 1
+    return state.process_id, state.num_processes
+
+
+def wait_for_processes(name: str, timeout_s: float) -> None:
+    """A barrier across every process of a multi-host run that waits up to ``timeout_s``
+    (one process training while the others wait takes far longer than the collectives' own
+    rendezvous allows, 30 s). ``name`` must be new to the run. A no-op on one process; starts
+    no accelerator backend."""
+    if distributed_process()[1] == 1:
+        return
+    from jax._src import distributed  # the coordination client; no public barrier has a timeout
+
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def device_mesh(num_accelerators: int | None = None,
                 devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D ``("devices",)`` mesh over the first ``num_accelerators`` of ``devices``
@@ -122,6 +146,57 @@ def process_rows(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"{len(x)} rows do not split evenly over {count} processes")
     share = len(x) // count
     return x[index * share:(index + 1) * share]
+
+
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether ``mesh`` holds accelerators of more than one process (its arrays are then not
+    fully addressable: no process can copy them to its host alone)."""
+    return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def put_global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Global rows ``x [N, ...]`` placed with the device axis split over ``mesh``; ``N`` must
+    be a multiple of ``mesh.size``.
+
+    On a mesh within one process, ``x`` is placed as it is. On a mesh spanning processes,
+    every process holds the same global ``x`` (e.g. made from the same seed) and places only
+    its own block (:func:`process_rows`, then :func:`shard_devices`); the global array has
+    ``x``'s rows in ``x``'s order, which needs the mesh to hold every process's accelerators,
+    the same number each, process by process (:func:`device_mesh`'s default order).
+    """
+    if len(x) % mesh.size:
+        raise ValueError(f"{len(x)} rows do not split evenly over a mesh of {mesh.size}")
+    if not spans_processes(mesh):
+        return jax.device_put(x, device_sharding(mesh))
+    check_process_blocks(mesh)
+    return shard_devices(process_rows(x), mesh)
+
+
+def check_process_blocks(mesh: Mesh) -> None:
+    """Raise unless ``mesh`` holds every process's accelerators, the same number each,
+    process by process: the layout in which :func:`process_rows`'s block of process ``i``
+    becomes global rows ``[i * N / P, (i + 1) * N / P)``."""
+    owners = [d.process_index for d in mesh.devices.flat]
+    count = jax.process_count()
+    blocks = [i for i in range(count) for _ in range(mesh.size // count)]
+    if owners != blocks:
+        raise ValueError(f"a mesh spanning processes must hold all {count} processes' "
+                         f"accelerators, the same number each, in process order; its "
+                         f"accelerators belong to processes {owners}")
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a numpy array. A leaf spread over several processes is gathered whole
+    onto every process (``multihost_utils.process_allgather``): a collective, so every
+    process must call it, in the same order."""
+    from jax.experimental import multihost_utils
+
+    def host(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(host, tree)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -10,12 +10,25 @@
 3. Compares upload variants (raw ids vs z) on the devices' first sync.
 4. Writes ``fleet.json`` (config, machine, per-round records, totals), ``fleet.md`` and two
    plots (``fleet_auc_rounds.png``, ``fleet_bytes_auc.png``) to ``WORKDIR``.
+
+Multi-host: ``--coordinator_address=HOST:PORT --num_processes=P --process_id=I`` (or
+``--coordinator_address=auto`` under Slurm, Kubernetes, Cloud TPU) calls
+``jax.distributed.initialize`` before anything else, on every host with the same command.
+Process 0 trains (or resumes) in a single-process child (checkpointing and its workdir lock
+are single-process) and broadcasts the parameters to every process; every process then runs
+the same simulation, each round's generation split over every process's accelerators
+(:class:`~duet_jax.cloud.Cloud`), and process 0 alone writes the results.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -24,13 +37,14 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from duet_jax import finetune, timing
+from duet_jax import finetune, sharding, timing
 from duet_jax.cloud import UPLOADS, Cloud
 from duet_jax.data.samples import Splits
 from duet_jax.duet import Duet
+from duet_jax.errors import RunError
 from duet_jax.fleet import FleetConfig, Simulator, Streams, build_streams, totals
 from duet_jax.models import DeviceModel, get_model
-from experiments import cli, experiment, fleet_report
+from experiments import cli, experiment, fleet_report, multihost
 from experiments import config as config_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fleet.py")
@@ -66,6 +80,66 @@ def train_methods(
                          "steps": result.steps, "train_seconds": result.train_seconds}
         logging.info("%s: test auc %.4f (epoch %d)", name, result.test["auc"], result.best_epoch)
     return model, params, summary
+
+
+TRAIN_WAIT_S = 7 * 24 * 3600  # how long other processes wait for process 0's training
+
+
+def _train_child(config_path: str, workdir: str, out_path: str, *names: str) -> None:
+    """The training step of a multi-host run, in process 0's single-process child: train (or
+    resume) ``names`` and write ``{"params", "summary"}`` (msgpack) to ``out_path``."""
+    from flax import serialization
+
+    with open(config_path, "rb") as f:
+        config = pickle.load(f)
+    data = experiment.load_data(config, os.path.join(workdir, "train"))
+    _, params, summary = train_methods(config, data, workdir, names)
+    blob = serialization.msgpack_serialize(
+        {"params": jax.device_get(params), "summary": json.dumps(summary)})
+    with open(out_path, "wb") as f:
+        f.write(blob)
+
+
+def train_everywhere(config: ml_collections.ConfigDict, workdir: str, names: tuple[str, ...]
+                     ) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Multi-host :func:`train_methods`: -> ({name: parameters}, {name: summary}) on every
+    process.
+
+    Checkpoints (orbax syncs every process at each save) and the workdir lock are
+    single-process, so process 0 trains (or resumes) in a child process of its own, which
+    sees one process, while the others wait; the parameters then reach every process by
+    broadcast (no shared filesystem needed). Call before this process starts a JAX backend
+    (``jax.process_index()`` would), so that the child has the accelerators to itself.
+    """
+    from flax import serialization
+    from jax.experimental import multihost_utils
+
+    blob, failed = np.zeros(0, np.uint8), None
+    index, _ = sharding.distributed_process()
+    if index == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            config_path, out_path = os.path.join(tmp, "config.pkl"), os.path.join(tmp, "out")
+            with open(config_path, "wb") as f:
+                pickle.dump(config, f)
+            code = "import sys; from experiments import fleet; fleet._train_child(*sys.argv[1:])"
+            child = subprocess.run(
+                [sys.executable, "-c", code, config_path, workdir, out_path, *names])
+            if child.returncode == 0:
+                with open(out_path, "rb") as f:
+                    blob = np.frombuffer(f.read(), np.uint8)
+            else:
+                failed = f"training on process 0 failed (exit status {child.returncode})"
+    sharding.wait_for_processes("duet_fleet_trained", TRAIN_WAIT_S)
+    # -1: process 0's training failed, and every process stops
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if failed else len(blob))))
+    if size < 0:
+        raise RunError(failed or "training on process 0 failed; see process 0's log")
+    if index != 0:
+        blob = np.zeros(size, np.uint8)
+    blob = np.asarray(multihost_utils.broadcast_one_to_all(blob))
+    out = serialization.msgpack_restore(blob.tobytes())
+    return out["params"], json.loads(out["summary"])
 
 
 def compare_uploads(duet: Duet, params: dict, streams: Streams, fc: FleetConfig) -> list[dict]:
@@ -136,11 +210,17 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str, cloud_url: str | 
     started = time.perf_counter()
     config_lib.validate(config)
     fc = FleetConfig.from_config(config.fleet)
-    data = experiment.load_data(config, os.path.join(workdir, "train"))
     # two-stage DUET starts from Base's backbone, so it needs Base even when not scored
     with_base = fc.base or experiment.needs_base(config, ["duet"])
     names = ("base", "duet") if with_base else ("duet",)
-    model, params, trained_summary = train_methods(config, data, workdir, names)
+    if sharding.distributed_process()[1] > 1:  # multi-host; no backend started yet
+        params, trained_summary = train_everywhere(config, workdir, names)
+        data = experiment.load_data(config, os.path.join(workdir, "train"))
+        model = get_model(config_lib.model_name(config),
+                          config_lib.model_config(config, data.num_items))
+    else:
+        data = experiment.load_data(config, os.path.join(workdir, "train"))
+        model, params, trained_summary = train_methods(config, data, workdir, names)
     trained = time.perf_counter()
 
     streams = build_streams(data.test, fc.num_rounds, fc.num_devices, fc.seed)
@@ -171,6 +251,7 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str, cloud_url: str | 
             "head_values": duet.spec.num_values,
             "head_leaves": len(duet.spec.sizes),
             "jax_devices": jax.device_count(),
+            "processes": jax.process_count(),
             "sharded": sim.cloud.mesh is not None,
             "keep_heads": fc.keep_heads,
             # the whole job's peak resident memory (training included)
@@ -190,13 +271,18 @@ def run_fleet(config: ml_collections.ConfigDict, workdir: str, cloud_url: str | 
             "total": done - started,
         },
     }
-    fleet_report.write(workdir, payload)
+    if jax.process_index() == 0:  # multi-host: process 0 writes
+        fleet_report.write(workdir, payload)
     return payload
 
 
 def main(argv):
     cli.start(argv)
+    # before anything touches a JAX backend
+    multihost.initialize()
     payload = run_fleet(_CONFIG.value, _WORKDIR.value, _CLOUD_URL.value)
+    if jax.process_index() != 0:
+        return
     print(fleet_report.markdown(payload))
     print(f"fleet results written to {os.path.abspath(_WORKDIR.value)}/fleet.{{json,md}}")
 

@@ -128,7 +128,7 @@ sharded = Cloud(duet, params, "ids", min_bucket=4, max_bucket=64)
 plain = Cloud(duet, params, "ids", min_bucket=4, max_bucket=64, mesh=None)
 a, _ = sharded.serve(seqs)
 b, _ = plain.serve(seqs)
-out = sharded._serve(sharded.params, sharded._put(np.zeros((32, 5), np.int32)))
+out = sharded._serve(sharded._inputs, sharded._put(np.zeros((32, 5), np.int32)))
 print(json.dumps({
     "devices": jax.device_count(),
     "mesh": int(sharded.mesh.devices.size),

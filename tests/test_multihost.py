@@ -1,7 +1,7 @@
 """Multi-host for real: two JAX processes on this machine (``jax.distributed`` over
 127.0.0.1, one CPU device each, gloo collectives) generate heads with each process placing
-only its share of the rows, and run the benchmark's scaling case; the results equal one
-process's."""
+only its share of the rows, run the benchmark's scaling case and a small fleet simulation
+(its cloud's mesh spanning both processes); the results equal one process's."""
 
 import json
 import os
@@ -11,6 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+
+from duet_jax import metrics
+from tests import tolerances as tol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,3 +73,119 @@ def test_two_processes_equal_one(tmp_path):
     assert abs(s1["heads_checksum"] - s2["heads_checksum"]) <= bound
     assert s1["heads_abs_checksum"] > 1.0  # a real sum, not zeros
     assert s2["devices_per_s"] > 0 and s2["num_devices"] == 64
+    _check_fleet(one, two)
+
+
+# what a round record holds that is timing, not a result
+TIMINGS = ("cloud_seconds", "encode_seconds", "cloud_us_per_request")
+
+
+def _fleet_logits_atol(sizes: dict) -> float:
+    """|a fleet logit of the 2-process run - the same logit of one process|.
+
+    The request schedule never depends on the heads, and scoring is the same jitted
+    computation on the same shapes on each process's own device; only generation differs:
+    each bucket's rows are split over two devices instead of one, so XLA may sum in another
+    order (rows never mix). A head value then differs within a pair bound over the
+    generator's longest path (SASRec's sequence embedding E[seq] + P and input projection,
+    the GRU, the decoders), and reaches the logit through the head (and the backbone's
+    features, identical here, through the head as well): summing the generator's and the
+    device model's roundings covers the path, as in tests/test_fleet.py."""
+    d = sizes["embed_dim"]
+    n = tol.generator_roundings(sizes["seq_len"], d, sizes["hidden_dim"], sizes["z_dim"],
+                                embed=(1, d))
+    n += tol.model_roundings("sasrec", d, sizes["seq_len"], sizes["num_heads"],
+                             sizes["ffn_mult"])
+    return float(tol.f32_pair_atol(n, tol.MODEL_SCALE))
+
+
+def _auc_range(users, labels, logits, atol) -> dict[str, tuple[float, float]]:
+    """The AUC and user AUC of any logits within ``atol`` of ``logits`` lie in these ranges.
+
+    A (positive, negative) pair counts 1, 1/2 or 0 as its margin is > 0, = 0 or < 0: moving
+    every positive down by ``atol`` and every negative up (then up and down) gives each
+    pair's smallest (largest) possible count, and user AUC is an unweighted mean over users
+    whose membership depends on labels only. (float32 rounding of a shifted value is
+    monotone, so the bound holds whatever precision the metric reads.)"""
+    shift = atol * (1.0 - 2.0 * np.asarray(labels, np.float64))  # - for positives
+    lo, hi = logits + shift, logits - shift
+    return {"auc": (metrics.auc(labels, lo), metrics.auc(labels, hi)),
+            "uauc": (metrics.user_auc(users, labels, lo), metrics.user_auc(users, labels, hi))}
+
+
+def _check_fleet(one, two):
+    want, got = (json.loads((d / "fleet.json").read_text()) for d in (one, two))
+    a, b = np.load(one / "fleet.npz"), np.load(two / "fleet.npz")
+    assert want["sizes"] == got["sizes"] and sorted(a.files) == sorted(b.files)
+    runs = {(r["fleet"], r["policy"]) for r in want["records"]}
+    assert runs == {("ids", "every_round"), ("ids", "drift_threshold"), ("z", "every_k_items")}
+    # the streams, request schedules and staleness are integers: exactly equal
+    for name in a.files:
+        if not name.endswith("/logits"):
+            np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    assert a["ids/every_round/requests"].sum() == 3 * 80  # 80 devices, each online 3 rounds
+    assert 80 < a["z/every_k_items/requests"].sum() < 3 * 80  # k = 3: fewer requests
+    atol = _fleet_logits_atol(want["sizes"])
+    for fleet, policy in runs:
+        np.testing.assert_allclose(b[f"{fleet}/{policy}/logits"], a[f"{fleet}/{policy}/logits"],
+                                   rtol=0, atol=atol, err_msg=f"{fleet}/{policy}")
+    # one record per (fleet, policy, round): counts and bytes exact, timings measured, the
+    # round's AUCs within the range any logits within atol could give (plus the float64
+    # mean of the per-user values)
+    assert len(got["records"]) == len(want["records"]) == 3 * len(runs)
+
+    def exact(record):
+        return {k: v for k, v in record.items() if k not in (*TIMINGS, "auc", "uauc")}
+
+    for w, g in zip(want["records"], got["records"], strict=True):
+        assert exact(g) == exact(w)
+        assert w["requests"] == 0 or g["cloud_seconds"] > 0
+        rows = a["round"] == w["round"]
+        logits = a[f"{w['fleet']}/{w['policy']}/logits"][rows].astype(np.float64)
+        ranges = _auc_range(a["user"][rows], a["label"][rows], logits, atol)
+        slack = tol.f64_atol(int(rows.sum()))
+        for key, (low, high) in ranges.items():
+            assert low - slack <= g[key] <= high + slack, (w, g, key, low, high)
+            assert low - slack <= w[key] <= high + slack  # the range holds the value itself
+        # and each run's record is the metric of the logits that run holds (same function,
+        # same float32 inputs: equal)
+        for record, out in ((w, a), (g, b)):
+            run_logits = out[f"{w['fleet']}/{w['policy']}/logits"][rows]
+            assert record["auc"] == metrics.auc(a["label"][rows], run_logits)
+            assert record["uauc"] == metrics.user_auc(a["user"][rows], a["label"][rows],
+                                                      run_logits)
+
+
+@pytest.mark.slow
+def test_fleet_job_on_two_processes(tmp_path):
+    """``python -m experiments.fleet`` with the multi-host flags: process 0 trains in a
+    child, both processes simulate with generation split over them, and process 0 alone
+    writes and prints the results."""
+    from tests.experiments.test_fleet_main import FLEET_TINY
+
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**_env(), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    args = [f"--workdir={tmp_path}", *FLEET_TINY, "--config.fleet.policies=never,every_round",
+            "--config.fleet.formats=float32", f"--coordinator_address={address}",
+            "--num_processes=2"]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.fleet", *args,
+                               f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    out = json.loads((tmp_path / "fleet.json").read_text())
+    fleet = out["fleet"]
+    assert (fleet["processes"], fleet["jax_devices"], fleet["sharded"]) == (2, 2, True)
+    assert set(out["training"]) == {"base", "duet"}
+    assert {p.parent.parent.name for p in tmp_path.glob("train/*/checkpoints/*")} == {
+        "base", "duet"}
+    totals = {(t["policy"], t["format"]): t for t in out["totals"]}
+    assert set(totals) == {("never", "float32"), ("every_round", "float32"), ("base", "static")}
+    devices = fleet["devices"]
+    assert totals["never", "float32"]["requests"] == devices == 60  # one sync each
+    assert totals["every_round", "float32"]["requests"] > devices
+    assert all(0.0 <= t["auc"] <= 1.0 for t in out["totals"])
+    # process 0 printed the table; process 1 printed and wrote nothing of its own
+    table = "| policy | format | requests/device |"
+    assert table in outs[0] and table not in outs[1] and "fleet results written" not in outs[1]

@@ -38,7 +38,14 @@ def _batched(fn: Callable, arrays: dict[str, np.ndarray], size: int) -> np.ndarr
 
 
 class Simulator:
-    """Runs policies over a fleet's streams with one trained DUET (and optionally Base)."""
+    """Runs policies over a fleet's streams with one trained DUET (and optionally Base).
+
+    Multi-host (``jax.distributed``): every process builds the same streams and runs the
+    same simulation; the default cloud's mesh spans every process's accelerators, so each
+    round's generation is split over all of them and the heads gathered back onto every
+    process (:class:`~duet_jax.cloud.Cloud`). Scoring runs on each process's own
+    accelerator, and every process ends with the same records.
+    """
 
     def __init__(
         self,
@@ -138,7 +145,8 @@ class Simulator:
         requests = np.zeros(s.num_devices, np.int64)
         records = []
         bar = tqdm(range(s.num_rounds), desc=f"fleet {policy}", unit="round",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not cfg.progress or jax.process_index() != 0,  # multi-host
+                   dynamic_ncols=True)
         for r in bar:
             first = s.first_event(r)
             online = np.flatnonzero(first >= 0)

@@ -14,6 +14,13 @@ A device model is any module or object with these five functions (the protocol
   sample); :func:`duet_jax.models.layers.dense` and ``mlp`` accept both.
 - ``apply(backbone, head, batch, config) -> logits [B]``: ``head_logits(head, encode(...))``.
 
+Optional, for faster generation (:meth:`duet_jax.duet.Duet.prepare`): either
+``token_features(backbone) -> [num_items + 1, F]`` when ``embed_sequence``'s features depend
+on the item alone (``embed_sequence(b, seq) == (token_features(b)[seq], seq != 0)``:
+``gru4rec``, ``din``), or ``prepare_features(backbone) -> tables`` with
+``embed_prepared(tables, seq) -> (H, mask)`` equal to ``embed_sequence`` (``sasrec``: its
+input projection split into an item and a position part).
+
 A batch is a dict: ``click_seq [B, L] int32`` right-padded with 0, ``target [B] int32``,
 ``label [B]``, ``user [B]`` (plus ``trigger_seq [B, L]`` for DUET). Sizes come from a
 :class:`ModelConfig`.
@@ -199,6 +206,23 @@ class DeviceModel:
     def embed_sequence(self, backbone: Any, seq: Array) -> tuple[Array, Array]:
         """``seq [B, L]`` -> ``(H [B, L, F], mask [B, L])``, what the generator reads."""
         return self.impl.embed_sequence(backbone, seq)
+
+    def prepare_features(self, backbone: Any) -> dict | None:
+        """What ``embed_sequence`` can compute once per parameter set (module docstring):
+        ``{"tokens": [num_items + 1, F]}`` (per-item features), ``{"tables": ...}`` (the
+        model's own split), or None when the model has neither."""
+        if callable(getattr(self.impl, "token_features", None)):
+            return {"tokens": self.impl.token_features(backbone)}
+        if callable(getattr(self.impl, "prepare_features", None)):
+            return {"tables": self.impl.prepare_features(backbone)}
+        return None
+
+    def embed_prepared(self, prepared: dict, seq: Array) -> tuple[Array, Array]:
+        """``embed_sequence`` from :meth:`prepare_features`' output (equal up to float
+        summation order)."""
+        if "tokens" in prepared:
+            return prepared["tokens"][seq], seq != 0
+        return self.impl.embed_prepared(prepared["tables"], seq)
 
     def head_template(self) -> Any:
         """The head's structure, shapes and dtypes (``jax.ShapeDtypeStruct`` leaves)."""

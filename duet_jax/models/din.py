@@ -38,6 +38,14 @@ def embed_sequence(backbone: dict, seq: Array) -> tuple[Array, Array]:
     return jnp.tanh(layers.dense(backbone["input_proj"], x)), layers.sequence_mask(seq)
 
 
+def token_features(backbone: dict) -> Array:
+    """``embed_sequence``'s feature of every item ``[num_items + 1, D]`` (row 0: padding):
+    ``embed_sequence(backbone, seq) == (token_features(backbone)[seq], seq != 0)``."""
+    table = backbone["item_embedding"]
+    rows = layers.embed(table, jnp.arange(table.shape[0]))  # row 0 -> zeros, as embed does
+    return jnp.tanh(layers.dense(backbone["input_proj"], rows))
+
+
 def encode(backbone: dict, batch: dict, config: ModelConfig = DEFAULT) -> dict[str, Array]:
     """-> ``{"target": t [B, D], "interest": a [B, D]}``."""
     del config

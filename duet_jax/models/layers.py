@@ -160,33 +160,40 @@ def sigmoid(x: Array) -> Array:
     return 0.5 * jnp.tanh(0.5 * x) + 0.5
 
 
-def gru(params: Params, x: Array, mask: Array, unroll: int = 1) -> Array:
-    """Run a GRU over ``x [*batch, L, in]``; return the state after the last valid step
-    ``[*batch, H]`` (``batch`` may be empty: one sequence, as the generator's vmap uses it).
+GruGates = tuple[Array, Array, Array]  # input projections of the r, z and n gates
 
-    The state is held fixed at padded steps (zeros for an empty sequence). PyTorch equations:
-    ``r = σ(x W_ir + b_ir + h W_hr + b_hr)``, ``z = σ(...)``,
-    ``n = tanh(x W_in + b_in + r ⊙ (h W_hn + b_hn))``, ``h' = (1 - z) ⊙ n + z ⊙ h``.
-    ``unroll``: steps per loop iteration of the ``lax.scan`` (the same result).
-    """
+
+def _gru_gate(params: Params, name: str, i: int) -> tuple[Array, Array]:
     hidden = params["kernel_hh"].shape[0]
+    cols = slice(i * hidden, (i + 1) * hidden)
+    return params[f"kernel_{name}"][:, cols], params[f"bias_{name}"][cols]
 
-    def gate(name: str, i: int) -> tuple[Array, Array]:
-        cols = slice(i * hidden, (i + 1) * hidden)
-        return params[f"kernel_{name}"][:, cols], params[f"bias_{name}"][cols]
 
-    # Input projections for all steps at once, time-major, one array per gate: on XLA-CPU
-    # this runs about 3x faster than slicing a stacked [B, 3H] inside the loop (measured
-    # again for the fused form h @ W_hh [H, 3H] + slices per step: 3.5x slower than three
-    # [H, H] products, as was a feature-major [3H, B] layout). The recurrent biases of r
-    # and z are added here too, once for all steps, rather than in every step; b_hn stays
-    # in the step, inside r ⊙ (...).
-    x_time = jnp.moveaxis(x, -2, 0)
-    (_, b_hr), (_, b_hz), (w_hn_, b_hn) = (gate("hh", i) for i in range(3))
-    extra = (b_hr, b_hz, 0.0)
-    x_gates = [x_time @ w + (b + e) for (w, b), e in zip(
-        (gate("ih", i) for i in range(3)), extra, strict=True)]
-    w_r, w_z, w_n = (gate("hh", i)[0] for i in range(3))
+def gru_input_gates(params: Params, x: Array) -> GruGates:
+    """The GRU's input projections of rows ``x [..., in]``: ``(x_r, x_z, x_n)``, each
+    ``[..., H]``, with the biases that do not depend on the state folded in (``b_ir + b_hr``,
+    ``b_iz + b_hz``, ``b_in``).
+
+    They depend on each row alone, so they may be computed for all steps at once (as
+    :func:`gru` does) or once per *token* of a vocabulary and gathered
+    (:meth:`duet_jax.duet.Duet.prepare`). One array per gate: on XLA-CPU slicing a stacked
+    ``[B, 3H]`` inside the loop ran about 3x slower (as did a fused ``h @ W_hh [H, 3H]``
+    plus slices per step: 3.5x slower than three ``[H, H]`` products, and a feature-major
+    ``[3H, B]`` layout).
+    """
+    extra = (_gru_gate(params, "hh", 0)[1], _gru_gate(params, "hh", 1)[1], 0.0)
+    return tuple(x @ w + (b + e) for (w, b), e in zip(
+        (_gru_gate(params, "ih", i) for i in range(3)), extra, strict=True))  # type: ignore[return-value]
+
+
+def gru_recurrence(params: Params, gates: GruGates, mask: Array, unroll: int = 1) -> Array:
+    """The GRU's recurrent part over time-major input projections ``gates`` (each
+    ``[L, *batch, H]``, :func:`gru_input_gates`) and ``mask [L, *batch]``: the state after
+    the last valid step ``[*batch, H]``, held fixed at padded steps (zeros when empty).
+    ``unroll``: steps per loop iteration of the ``lax.scan`` (the same result)."""
+    hidden = params["kernel_hh"].shape[0]
+    w_r, w_z, w_n = (_gru_gate(params, "hh", i)[0] for i in range(3))
+    b_hn = _gru_gate(params, "hh", 2)[1]  # stays in the step, inside r * (...)
 
     # Rematerialised: recomputing a step in the backward pass is about 2x faster on XLA-CPU
     # than storing and reloading its residuals.
@@ -199,10 +206,23 @@ def gru(params: Params, x: Array, mask: Array, unroll: int = 1) -> Array:
         # (1 - z) n + z h, one multiply fewer
         return jnp.where(m[..., None], n + z * (h - n), h), None
 
-    del w_hn_
-    h0 = jnp.zeros((*x.shape[:-2], hidden), x.dtype)
-    last, _ = jax.lax.scan(step, h0, (*x_gates, jnp.moveaxis(mask, -1, 0)), unroll=unroll)
+    h0 = jnp.zeros((*gates[0].shape[1:-1], hidden), gates[0].dtype)
+    last, _ = jax.lax.scan(step, h0, (*gates, mask), unroll=unroll)
     return last
+
+
+def gru(params: Params, x: Array, mask: Array, unroll: int = 1) -> Array:
+    """Run a GRU over ``x [*batch, L, in]``; return the state after the last valid step
+    ``[*batch, H]`` (``batch`` may be empty: one sequence, as the generator's vmap uses it).
+
+    The state is held fixed at padded steps (zeros for an empty sequence). PyTorch equations:
+    ``r = σ(x W_ir + b_ir + h W_hr + b_hr)``, ``z = σ(...)``,
+    ``n = tanh(x W_in + b_in + r ⊙ (h W_hn + b_hn))``, ``h' = (1 - z) ⊙ n + z ⊙ h``.
+    ``unroll``: steps per loop iteration of the ``lax.scan`` (the same result).
+    """
+    # input projections for all steps at once, time-major
+    gates = gru_input_gates(params, jnp.moveaxis(x, -2, 0))
+    return gru_recurrence(params, gates, jnp.moveaxis(mask, -1, 0), unroll)
 
 
 # ----------------------------------------------------------------------- attention

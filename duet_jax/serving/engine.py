@@ -200,7 +200,7 @@ class Engine(BucketedEngine):
 
     def __init__(self, run: LoadedRun, max_batch: int = 64, min_bucket: int = 1,
                  uploads: tuple[str, ...] = UPLOADS,
-                 formats: tuple[str, ...] = delivery.FORMATS):
+                 formats: tuple[str, ...] = delivery.FORMATS, prepare: bool = True):
         self.run_info, self.duet = run, run.duet
         self.spec = run.duet.spec
         self.version, self.layout = run.version, Layout.of(self.spec)
@@ -209,18 +209,21 @@ class Engine(BucketedEngine):
         self.z_dim = run.duet.generator.z_dim
         self.max_batch, self.min_bucket = max_batch, min_bucket
         self.uploads, self.formats = tuple(uploads), tuple(formats)
-        self.params = jax.device_put(run.params)
+        # prepare: generation reads per-item tables (Duet.prepare) made once per loaded
+        # checkpoint; without, the functions take the parameters alone (what export needs)
+        self.inputs = jax.device_put(
+            jax.jit(run.duet.prepare)(run.params) if prepare else {"params": run.params})
         self._fns = {(k, f): self._build(k, f) for k in self.uploads for f in self.formats}
         self._lock = threading.Lock()
 
     def _build(self, kind: str, fmt: str):
         duet, spec, gen = self.duet, self.spec, self.duet.generator
 
-        def fn(params, x):
+        def fn(prepared, x):
             if kind == "ids":
-                heads = duet.generate(params, x)
+                heads = duet.generate_prepared(prepared, x)
             else:
-                heads = gen.apply(params["generator"], x, method=gen.decode)
+                heads = gen.apply(prepared["params"]["generator"], x, method=gen.decode)
             return delivery.encode(spec, materialize(heads), fmt)
 
         return jax.jit(fn)
@@ -228,7 +231,7 @@ class Engine(BucketedEngine):
     def run(self, kind: str, fmt: str, x: np.ndarray) -> tuple[list, float]:
         """``x [n, ...]`` (n <= max_batch) -> (payload leaves, numpy ``[n, ...]``; seconds of
         the jitted call, host transfer included)."""
-        out, n, seconds = self._call(kind, fmt, x, self.params)
+        out, n, seconds = self._call(kind, fmt, x, self.inputs)
         leaves = payload_leaves(self.spec, out, fmt)
         cut = functools.partial(_cut, n=n)
         return [jax.tree.map(cut, leaf) for leaf in leaves], seconds

@@ -12,6 +12,7 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from duet_jax.models import ModelConfig, get_model
 from experiments.benchmark import scaling, torch_reference, vision_case
 
 CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling",
-               "torch_reference", "encoders", "vision"}
+               "torch_reference", "encoders", "prepared", "vision"}
 # the opt-in encoders timed against the default "gru" (case group "encoders")
 OPTIONAL_ENCODERS = ("gru_bf16", "attention")
 
@@ -131,14 +132,35 @@ class Bench:
 
     # ---------------------------------------------------------------- generation
 
+    def prepared(self, model: str, low_rank: int = 0, encoder: str = "gru"):
+        """``(Duet, prepared)``: :meth:`Duet.prepare`'s once-per-parameter-set tables (made
+        before timing, as the cloud makes them when it loads a checkpoint)."""
+        key = ("prepared", model, low_rank, encoder)
+        if key not in self._duets:
+            duet, params = self.duet(model, low_rank, encoder)
+            self._duets[key] = (duet, jax.block_until_ready(jax.jit(duet.prepare)(params)))
+        return self._duets[key]
+
+    def generator_fn(self, model: str, low_rank: int = 0, encoder: str = "gru",
+                     prepared: bool | None = None) -> tuple[Any, Callable, Any]:
+        """``(duet, fn, args)`` with ``fn(args, seq [B, L]) -> heads``: ``Duet.generate_prepared``
+        on the prepared tables (``config.prepared``, the default) or ``Duet.generate``."""
+        if self.config.prepared if prepared is None else prepared:
+            duet, tables = self.prepared(model, low_rank, encoder)
+            return duet, duet.generate_prepared, tables
+        duet, params = self.duet(model, low_rank, encoder)
+        return duet, duet.generate, params
+
     def generation(self, model: str, n: int, batch: int, low_rank: int = 0) -> dict:
-        """``n`` heads from ``jit(Duet.generate)`` in batches of ``batch`` (``low_rank`` > 0:
-        low-rank decoders with a k x k core)."""
-        duet, params = self.duet(model, low_rank)
+        """``n`` heads from ``jit(Duet.generate_prepared)`` (or ``jit(Duet.generate)`` with
+        ``config.prepared`` off) in batches of ``batch`` (``low_rank`` > 0: low-rank
+        decoders with a k x k core)."""
+        duet, fn, args = self.generator_fn(model, low_rank)
         batches = self.batches(n, batch)
-        measured = self.time(duet.generate, [(params, b) for b in batches], (params, batches[0]))
+        measured = self.time(fn, [(args, b) for b in batches], (args, batches[0]))
         return self.case("low_rank" if low_rank else "generation", model, n, batch, measured,
                          batch_size=batch, padded_devices=len(batches) * batch, low_rank=low_rank,
+                         path="prepared" if self.config.prepared else "plain",
                          heads="streamed: each batch's heads discarded once computed",
                          generated_values_per_device=duet.spec.num_values if not low_rank else None)
 
@@ -216,35 +238,50 @@ class Bench:
         return self.case(kind, model, n, 1,
                          self._measure(run, compiled, compile_s, warmup, matmul), **extra)
 
+    def _paired_passes(self, passes: dict[str, Callable[[], None]]) -> dict[str, list[float]]:
+        """Seconds of each pass in ``paired_rounds`` rounds, timed alternately (the order
+        reversed every other round), so load changes hit every pass alike; each pass is run
+        once first (warm-up)."""
+        for run in passes.values():
+            run()
+        times: dict[str, list[float]] = {name: [] for name in passes}
+        order = list(passes)
+        for r in range(self.config.paired_rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                started = time.perf_counter()
+                passes[name]()
+                times[name].append(time.perf_counter() - started)
+        return times
+
+    def _generation_pass(self, model: str, batches: list, encoder: str = "gru",
+                         prepared: bool | None = None) -> Callable[[], None]:
+        _, fn, args = self.generator_fn(model, encoder=encoder, prepared=prepared)
+        compiled, _ = timing.compile_timed(fn, args, batches[0])
+        return _pipelined(compiled, [(args, b) for b in batches])
+
     def encoders(self, model: str, n: int, batch: int) -> list[dict]:
         """Generation with each opt-in encoder against the default GRU on the same ``n``
         devices, timed alternately in ``paired_rounds`` rounds (ratio: GRU seconds / theirs)."""
         batches = self.batches(n, batch)
-        passes = {}
-        for encoder in ("gru", *OPTIONAL_ENCODERS):
-            duet, params = self.duet(model, encoder=encoder)
-            compiled, _ = timing.compile_timed(duet.generate, params, batches[0])
-            passes[encoder] = _pipelined(compiled, [(params, b) for b in batches])
-            passes[encoder]()  # warm-up
-        times: dict[str, list[float]] = {e: [] for e in passes}
-        order = list(passes)
-        for r in range(self.config.paired_rounds):
-            for encoder in order if r % 2 == 0 else order[::-1]:
-                started = time.perf_counter()
-                passes[encoder]()
-                times[encoder].append(time.perf_counter() - started)
-        rows = []
-        for encoder in OPTIONAL_ENCODERS:
-            ratios = [g / o for g, o in zip(times["gru"], times[encoder], strict=True)]
-            rows.append({
-                "case": "encoder_option", "model": model, "encoder": encoder,
-                "num_devices": n, "batch_size": batch, "per_call_devices": batch,
-                "devices_per_s": n / float(np.median(times[encoder])),
-                "gru_devices_per_s": n / float(np.median(times["gru"])),
-                "seconds": times[encoder], "gru_seconds": times["gru"],
-                "speedup_vs_gru": {"median": float(np.median(ratios)), "min": min(ratios),
-                                   "max": max(ratios), "per_round": ratios}})
-        return rows
+        times = self._paired_passes({e: self._generation_pass(model, batches, e)
+                                     for e in ("gru", *OPTIONAL_ENCODERS)})
+        return [_paired_row("encoder_option", model, n, batch, times, "gru", encoder,
+                            encoder=encoder, path="prepared" if self.config.prepared else "plain")
+                for encoder in OPTIONAL_ENCODERS]
+
+    def prepared_vs_plain(self, model: str, n: int, batch: int) -> dict:
+        """``Duet.generate_prepared`` (per-item tables made once) against ``Duet.generate``
+        (everything per device) on the same ``n`` devices, paired rounds (ratio: plain
+        seconds / prepared seconds)."""
+        batches = self.batches(n, batch)
+        times = self._paired_passes({
+            "plain": self._generation_pass(model, batches, prepared=False),
+            "prepared": self._generation_pass(model, batches, prepared=True)})
+        tables = self.prepared(model)[1]
+        return _paired_row("prepared", model, n, batch, times, "plain", "prepared",
+                           tables=sorted(k for k in tables if k != "params"),
+                           table_bytes=int(sum(x.nbytes for k, v in tables.items()
+                                               if k != "params" for x in jax.tree.leaves(v))))
 
     # ---------------------------------------------------------------- adaptation
 
@@ -324,6 +361,20 @@ class Bench:
         return rows
 
 
+def _paired_row(kind: str, model: str, n: int, batch: int, times: dict[str, list[float]],
+                reference: str, name: str, **extra) -> dict:
+    """A row comparing pass ``name`` with pass ``reference`` from :meth:`Bench._paired_passes`
+    (``speedup``: per-round ``reference`` seconds / ``name`` seconds, median and range)."""
+    ratios = [r / o for r, o in zip(times[reference], times[name], strict=True)]
+    return {"case": kind, "model": model, **extra, "num_devices": n, "batch_size": batch,
+            "per_call_devices": batch,
+            "devices_per_s": n / float(np.median(times[name])),
+            f"{reference}_devices_per_s": n / float(np.median(times[reference])),
+            "seconds": times[name], f"{reference}_seconds": times[reference],
+            f"speedup_vs_{reference}": {"median": float(np.median(ratios)), "min": min(ratios),
+                                        "max": max(ratios), "per_round": ratios}}
+
+
 def _pipelined(compiled, args_per_call: list[tuple]) -> Callable[[], None]:
     """A pass that calls ``compiled`` on every ``args_per_call`` entry, keeping one call in
     flight while the next is dispatched, and blocks on the last (results discarded)."""
@@ -381,6 +432,9 @@ def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
         if "encoders" in groups:
             out.append((f"{m} opt-in encoders", lambda m=m: bench.encoders(
                 m, c.split_devices, c.batch_size)))
+        if "prepared" in groups:
+            out.append((f"{m} prepared vs plain", lambda m=m: [bench.prepared_vs_plain(
+                m, c.split_devices, c.batch_size)]))
     if "torch_reference" in groups:  # the authors' PyTorch design, side by side
         out.append(("torch reference", lambda: torch_reference.case_rows(bench)))
     if "scaling" in groups:

@@ -14,8 +14,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from duet_jax import files, sharding, timing
-from experiments import cli, report
+from duet_jax import files, timing
+from experiments import cli, multihost, report
 from experiments.benchmark.cases import Bench, tasks
 from experiments.benchmark.plots import plot
 from experiments.benchmark.summary import summarise
@@ -25,11 +25,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.abspath(benchmark_config.__file__),
     "Benchmark config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "Multi-host: host:port of process 0 (jax.distributed), or auto (Slurm, Kubernetes, TPU).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 GPU_NOTE = "No GPU was lent to this run's task: CPU results only."
 
@@ -88,7 +83,7 @@ def run_benchmark(config, workdir: str) -> dict:
 def main(argv):
     cli.start(argv)
     # before anything touches a JAX backend
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    multihost.initialize()
     config = resolve_config(_CONFIG.value,
                             config_flags.get_override_values(flags.FLAGS["config"]))
     result = run_benchmark(config, _WORKDIR.value)

@@ -64,7 +64,11 @@ def summarise(cases: list[dict], config) -> dict:
             "speedup_best_vs_best": t["speedup_best_batch"]["median"],
             "speedup_best_vs_best_range": [t["speedup_best_batch"]["min"],
                                            t["speedup_best_batch"]["max"]],
-            "measured": "paired rounds, median of per-round ratios (torch s / ours s)"}
+            "measured": "paired rounds, median of per-round ratios (torch s / ours s)",
+            "ours_path": t.get("ours_path", "plain")}
+        if "speedup_plain_same_batch" in t:  # Duet.generate without the prepared tables
+            out["torch_reference"]["plain_speedup_at_torch_best_batch"] = (
+                t["speedup_plain_same_batch"]["median"])
         if t.get("torch_threads", t["threads"]) == t["threads"]:  # only with threads equal
             out["acceptance"][f"over_torch_reference_at_least_{OVER_TORCH_REFERENCE}x"] = (
                 t["speedup_same_batch"]["median"] >= OVER_TORCH_REFERENCE)

@@ -10,8 +10,9 @@ one user vector per device: ``Dense(D, tanh) -> Dense(D)`` -> ``[B, D]``.
 :class:`TorchGenerator` follows the design of the authors' public ``HyperNetwork_FC``
 (``torch.nn.GRU`` over the whole padded sequence, a gather at the last valid position, a
 ``StackedDense`` to ``z``, one ``matmul`` per generated tensor and ``torch.bmm`` per head
-layer), written here from that description. Ours is ``jit(Duet.generate)`` for SASRec
-followed by the generated head on the user vector (SASRec's ``embed_sequence`` also adds a
+layer), written here from that description. Ours is ``jit(Duet.generate_prepared)`` for
+SASRec (``Duet.generate`` is timed in the same rounds too) followed by the generated head on
+the user vector (SASRec's ``embed_sequence`` also adds a
 position embedding: one add, kept so that ours is exactly the generator the project
 ships). :func:`load_ours_into` copies our parameters into the torch module, so the test can
 check that both compute the same function.
@@ -109,11 +110,14 @@ def build_torch_generator(num_items: int, dim: int, seed: int = 0):
     return TorchGenerator().eval()
 
 
-def ours_fn(duet: Duet) -> Callable:
+def ours_fn(duet: Duet, prepared: bool = False) -> Callable:
     """``(params, seq [B, L], user [B, D]) -> [B, D]``: generate heads, apply each to its
-    device's user vector (the SASRec head's MLP)."""
+    device's user vector (the SASRec head's MLP). ``prepared``: ``params`` is
+    :meth:`Duet.prepare`'s output and generation reads its tables."""
+    generate = duet.generate_prepared if prepared else duet.generate
+
     def fn(params, seq, user):
-        heads = duet.generate(params, seq)
+        heads = generate(params, seq)
         return layers.mlp(heads, user, (jnp.tanh, None))
 
     return fn
@@ -146,10 +150,12 @@ def load_ours_into(module, params: dict) -> None:
             module.b2[i].copy_(t(bias["bias"]))
 
 
-def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray, ours, params,
-            torch_module) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(torch pass, our pass) over the same ``n`` devices in batches of ``batch`` (the last
-    padded with empty sequences), inputs placed before timing."""
+def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
+            ours: dict[str, tuple[Callable, Any]], torch_module
+            ) -> tuple[Callable[[], None], dict[str, Callable[[], None]]]:
+    """(torch pass, {name: our pass}) over the same ``n`` devices in batches of ``batch`` (the
+    last padded with empty sequences), inputs placed before timing; ``ours`` maps a name to
+    ``(fn, args)``, the function of :func:`ours_fn` and its first argument."""
     import torch
 
     calls = -(-n // batch)
@@ -160,23 +166,27 @@ def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray, ours, params,
                jax.device_put(u[i * batch:(i + 1) * batch])) for i in range(calls)]
     torch_in = [(torch.from_numpy(s[i * batch:(i + 1) * batch].astype(np.int64)),
                  torch.from_numpy(u[i * batch:(i + 1) * batch])) for i in range(calls)]
-    compiled = jax.jit(ours).lower(params, *jax_in[0]).compile()
 
     def torch_pass():
         with torch.inference_mode():
             for sb, ub in torch_in:
                 torch_module(sb, ub)
 
-    def our_pass():
-        previous = None
-        for sb, ub in jax_in:  # one call in flight while the next is dispatched
-            out = compiled(params, sb, ub)
-            if previous is not None:
-                jax.block_until_ready(previous)
-            previous = out
-        jax.block_until_ready(previous)
+    def our_pass(fn, args):
+        compiled = jax.jit(fn).lower(args, *jax_in[0]).compile()
 
-    return torch_pass, our_pass
+        def run():
+            previous = None
+            for sb, ub in jax_in:  # one call in flight while the next is dispatched
+                out = compiled(args, sb, ub)
+                if previous is not None:
+                    jax.block_until_ready(previous)
+                previous = out
+            jax.block_until_ready(previous)
+
+        return run
+
+    return torch_pass, {name: our_pass(fn, args) for name, (fn, args) in ours.items()}
 
 
 def _seconds(run: Callable[[], None]) -> float:
@@ -186,14 +196,18 @@ def _seconds(run: Callable[[], None]) -> float:
 
 
 def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, ...],
-            rounds: int, sweep_repeats: int = 2, seed: int = 0, torch_threads: int = 0) -> dict:
+            rounds: int, sweep_repeats: int = 2, seed: int = 0, torch_threads: int = 0,
+            prepared: dict | None = None) -> dict:
     """Time the torch reference against ours on the ``len(seq)`` devices ``seq [N, L]``.
 
     ``torch_threads``: 0 = as many as XLA-CPU uses (the affinity mask: threads pinned
     equal); another value is a probe (e.g. 1 on an oversubscribed machine, where torch's
-    OpenMP threads wait on each other). Returns the sweep (seconds per pass at every batch
-    size, best of ``sweep_repeats``, both sides warm), each side's best batch size and the
-    paired rounds at those."""
+    OpenMP threads wait on each other). ``prepared``: :meth:`Duet.prepare`'s output for
+    ``params``; then ours generates from its tables (what the cloud serves), and
+    ``Duet.generate`` without them is timed too, at the reference's batch, in the same
+    rounds (``speedup_plain_same_batch``). Returns the sweep (seconds per pass at every
+    batch size, best of ``sweep_repeats``, both sides warm), each side's best batch size
+    and the paired rounds at those."""
     import torch
 
     threads = cpu_threads()
@@ -201,19 +215,24 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     n, dim = len(seq), duet.model.config.embed_dim
     user = np.random.default_rng(seed + 1).normal(size=(n, dim)).astype(np.float32)
     module = build_torch_generator(duet.model.config.num_items, dim, seed)
-    ours = ours_fn(duet)
-    passes = {b: _passes(n, b, seq, user, ours, params, module) for b in batch_sizes}
+    ours = {"ours": (ours_fn(duet, prepared is not None),
+                     params if prepared is None else prepared)}
+    passes = {b: _passes(n, b, seq, user, ours, module) for b in batch_sizes}
     sweep: dict[str, dict[int, float]] = {"torch": {}, "ours": {}}
-    for b, (torch_pass, our_pass) in passes.items():
-        torch_pass(), our_pass()  # warm: allocations, thread pools, caches
+    for b, (torch_pass, our_passes) in passes.items():
+        torch_pass(), our_passes["ours"]()  # warm: allocations, thread pools, caches
         for _ in range(sweep_repeats):  # alternate, so that load changes hit both
-            for side, run in (("torch", torch_pass), ("ours", our_pass)):
+            for side, run in (("torch", torch_pass), ("ours", our_passes["ours"])):
                 s = _seconds(run)
                 sweep[side][b] = min(sweep[side].get(b, float("inf")), s)
     best_torch = min(sweep["torch"], key=sweep["torch"].get)
     best_ours = min(sweep["ours"], key=sweep["ours"].get)
-    order = [("torch", passes[best_torch][0]), ("ours_same_batch", passes[best_torch][1]),
-             ("ours_best_batch", passes[best_ours][1])]
+    order = [("torch", passes[best_torch][0]), ("ours_same_batch", passes[best_torch][1]["ours"]),
+             ("ours_best_batch", passes[best_ours][1]["ours"])]
+    if prepared is not None:
+        _, plain = _passes(n, best_torch, seq, user, {"plain": (ours_fn(duet), params)}, module)
+        plain["plain"]()  # warm
+        order.append(("ours_plain_same_batch", plain["plain"]))
     times: dict[str, list[float]] = {name: [] for name, _ in order}
     for r in range(rounds):
         for name, run in order if r % 2 == 0 else order[::-1]:
@@ -224,9 +243,10 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
         return {"median": float(np.median(per_round)), "min": min(per_round),
                 "max": max(per_round), "per_round": per_round}
 
-    return {
+    out = {
         "num_devices": n, "threads": threads, "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "rounds": rounds,
+        "ours_path": "prepared" if prepared is not None else "plain",
         "sweep_s": {side: {str(b): s for b, s in v.items()} for side, v in sweep.items()},
         "sweep_devices_per_s": {side: {str(b): n / s for b, s in v.items()}
                                 for side, v in sweep.items()},
@@ -237,6 +257,9 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
         "speedup_same_batch": ratios("ours_same_batch"),
         "speedup_best_batch": ratios("ours_best_batch"),
     }
+    if prepared is not None:
+        out["speedup_plain_same_batch"] = ratios("ours_plain_same_batch")
+    return out
 
 
 def case_rows(bench: Any) -> list[dict]:
@@ -247,9 +270,11 @@ def case_rows(bench: Any) -> list[dict]:
         return [{"case": "torch_reference", "model": MODEL, "skipped": True,
                  "note": "torch is not installed (pip install torch): case skipped"}]
     duet, params = bench.duet(MODEL)
+    prepared = bench.prepared(MODEL)[1] if c.prepared else None
     n = c.torch_reference.devices
     result = compare(duet, params, bench.sequences(n), tuple(c.torch_reference.batch_sizes),
-                     c.paired_rounds, seed=c.seed, torch_threads=c.torch_reference.threads)
+                     c.paired_rounds, seed=c.seed, torch_threads=c.torch_reference.threads,
+                     prepared=prepared)
     return [{"case": "torch_reference", "model": MODEL, "num_devices": n,
              "devices_per_s": result["devices_per_s"]["ours_best_batch"],
              "per_call_devices": result["ours_best_batch"], **result}]

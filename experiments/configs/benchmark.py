@@ -36,8 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
     # torch_reference (the authors' PyTorch generator design against ours, paired rounds;
     # skipped, noted in the results, where torch is not installed); encoders (the opt-in
     # gru_bf16 and attention encoders against the GRU, paired rounds at split_devices, B)
+    # prepared (generation from Duet.prepare's per-item tables against Duet.generate, paired)
     config.cases = ("generation,stages,low_rank,loop,adaptation,torch_reference,encoders,"
-                    "scaling")
+                    "prepared,scaling")
+    # generation, encoders, torch_reference: from Duet.prepare's per-item tables, made once per
+    # parameter set as the cloud does (False: Duet.generate, all work per device)
+    config.prepared = True
     # device model sizes: a random item vocabulary; D and L as the main job's models
     config.num_items = 10_000
     config.seq_len = model.seq_len

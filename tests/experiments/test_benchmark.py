@@ -50,7 +50,8 @@ TINY = [
 ]
 GLIBC = cli.is_glibc()
 KINDS = {"generation", "encoder", "decoder", "low_rank", "loop", "duet_adapt",
-         "finetune_vmap", "finetune_loop", "scaling", "torch_reference", "encoder_option"}
+         "finetune_vmap", "finetune_loop", "scaling", "torch_reference", "encoder_option",
+         "prepared"}
 try:  # the torch reference case is benchmark-only: skipped (noted) without torch
     import torch  # noqa: F401
     TORCH = True
@@ -88,7 +89,8 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert torch_row.get("skipped", False) is not TORCH
     if TORCH:
         assert torch_row["num_devices"] == 32 and torch_row["rounds"] == 2
-        for key in ("speedup_same_batch", "speedup_best_batch"):
+        assert torch_row["ours_path"] == "prepared"  # the default: what the cloud serves
+        for key in ("speedup_same_batch", "speedup_best_batch", "speedup_plain_same_batch"):
             r = torch_row[key]
             assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
         t = result["summary"]["torch_reference"]
@@ -100,10 +102,16 @@ def test_quick_benchmark_writes_every_case(tmp_path):
         r = c["speedup_vs_gru"]
         assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
         assert _positive_finite(c["gru_devices_per_s"])
+    prepared = next(c for c in cases if c["case"] == "prepared")
+    assert prepared["tables"] == ["features"]  # SASRec: its split input projection
+    assert prepared["table_bytes"] == (100 + 1 + 8) * 8 * 4  # items + positions, D = 8
+    r = prepared["speedup_vs_plain"]
+    assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
+    assert all(c["path"] == "prepared" for c in cases if c["case"] == "generation")
     for c in cases:
         if c["case"] == "torch_reference":
             continue
-        if c["case"] == "encoder_option":
+        if c["case"] in ("encoder_option", "prepared"):
             assert _positive_finite(c["devices_per_s"])
             continue
         assert _positive_finite(c["devices_per_s"]), c

@@ -45,14 +45,24 @@ def test_torch_reference_equals_ours_with_copied_parameters():
     # kernel, wrong gather) moves outputs by O(0.1).
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     assert np.abs(want).max() > 0.1  # not trivially zero
+    # from Duet.prepare's tables (what the benchmark times): the same function
+    prepared = jax.jit(duet.prepare)(params)
+    got = np.asarray(jax.jit(torch_reference.ours_fn(duet, prepared=True))(prepared, seq, user))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_compare_reports_paired_ratios():
+@pytest.mark.parametrize("prepared", [False, True])
+def test_compare_reports_paired_ratios(prepared):
     duet, params, seq, _ = _setup(40)
-    result = torch_reference.compare(duet, params, seq, (8, 16), rounds=2, sweep_repeats=1)
+    tables = duet.prepare(params) if prepared else None
+    result = torch_reference.compare(duet, params, seq, (8, 16), rounds=2, sweep_repeats=1,
+                                     prepared=tables)
     assert result["torch_best_batch"] in (8, 16) and result["ours_best_batch"] in (8, 16)
     assert result["threads"] == result["torch_threads"] >= 1
-    for key in ("speedup_same_batch", "speedup_best_batch"):
+    assert result["ours_path"] == ("prepared" if prepared else "plain")
+    keys = ["speedup_same_batch", "speedup_best_batch"]
+    assert ("speedup_plain_same_batch" in result) == prepared
+    for key in keys + (["speedup_plain_same_batch"] if prepared else []):
         r = result[key]
         assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
         assert all(np.isfinite(r["per_round"])) and r["min"] > 0

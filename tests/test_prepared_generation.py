@@ -1,0 +1,142 @@
+"""``Duet.prepare`` / ``generate_prepared``: the per-item work done once per parameter set
+gives the same heads as ``Duet.generate``, for every built-in model and GRU-family encoder,
+with padding, empty sequences, low-rank and stabilised heads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from duet_jax import duet as duet_lib
+from duet_jax import encoders
+from duet_jax.duet import Duet
+from duet_jax.lowrank import LowRankKernel
+from duet_jax.models import ModelConfig, get_model, layers
+from tests import tolerances as tol
+
+D, L, ITEMS = 8, 7, 40
+CONFIG = ModelConfig(num_items=ITEMS, seq_len=L, embed_dim=D, din_hidden=(8,))
+
+
+def _duet(model: str, **options) -> tuple[Duet, dict]:
+    duet = Duet.create(get_model(model, CONFIG), **options)
+    params = duet.init(jax.random.key(3))
+    # off the init's symmetric values (zero biases), so a wrong bias fold or row would show
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(p.dtype), params)
+    return duet, params
+
+
+def _sequences(n: int = 70) -> np.ndarray:
+    """``[n, L]`` right-padded ids: lengths 0..L (row 0 empty, row 1 full)."""
+    rng = np.random.default_rng(5)
+    seq = rng.integers(1, ITEMS + 1, (n, L)).astype(np.int32)
+    lengths = rng.integers(0, L + 1, n)
+    lengths[0], lengths[1] = 0, L
+    seq[np.arange(L) >= lengths[:, None]] = 0
+    return seq
+
+
+def test_each_built_in_model_prepares_what_it_can():
+    for model, kind in (("gru4rec", "projected"), ("din", "projected"), ("sasrec", "features")):
+        duet, params = _duet(model)
+        assert sorted(duet.prepare(params)) == sorted({"params", kind})
+    # an encoder without a per-row first step keeps the model's features only
+    duet, params = _duet("gru4rec", encoder="attention")
+    assert sorted(duet.prepare(params)) == ["features", "params"]
+    assert encoders.token_projection("attention") is None
+
+
+@pytest.mark.parametrize("model", ["gru4rec", "din"])
+def test_token_features_are_embed_sequence_per_item(model):
+    duet, params = _duet(model)
+    seq = _sequences()
+    want, want_mask = duet.model.embed_sequence(params["backbone"], jnp.asarray(seq))
+    tokens = duet.model.prepare_features(params["backbone"])["tokens"]
+    assert tokens.shape == (ITEMS + 1, D)
+    got, got_mask = duet.model.embed_prepared({"tokens": tokens}, jnp.asarray(seq))
+    np.testing.assert_array_equal(got_mask, want_mask)
+    # the same per-row computation on the same row: no reassociation, bitwise equal
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sasrec_split_projection_equals_embed_sequence():
+    duet, params = _duet("sasrec")
+    seq = jnp.asarray(_sequences())
+    want, want_mask = duet.model.embed_sequence(params["backbone"], seq)
+    tables = duet.model.prepare_features(params["backbone"])
+    got, got_mask = duet.model.embed_prepared(tables, seq)
+    np.testing.assert_array_equal(got_mask, want_mask)
+    # (E + P) W + b against E W + (P W + b): a dot of D terms plus 2 adds, summed in
+    # another order on both sides, before a 1-Lipschitz tanh
+    tol.assert_within(got, want, tol.f32_pair_atol(D + 2 + tol.ELEMENTWISE, tol.MODEL_SCALE))
+    with pytest.raises(ValueError, match="seq_len"):
+        duet.model.embed_prepared(tables, seq[:, :3])
+
+
+@pytest.mark.parametrize("options", [{}, {"low_rank": 2}, {"stabiliser": 3}, "stacked"])
+@pytest.mark.parametrize("model", ["gru4rec", "din", "sasrec"])
+def test_prepared_generation_equals_generate(model, options, monkeypatch):
+    if options == "stacked":  # large vocabularies: one stacked table of [3, H] rows
+        monkeypatch.setattr(duet_lib, "SEPARATE_TABLES_MAX_BYTES", 0)
+        options = {}
+    duet, params = _duet(model, **options)
+    seq = jnp.asarray(_sequences())  # 70 devices: above the decoders' bias-fold threshold
+    want = jax.jit(duet.generate)(params, seq)
+    prepared = duet.prepare(params)
+    if "projected" in prepared:
+        stacked = duet_lib.SEPARATE_TABLES_MAX_BYTES == 0
+        tables = prepared["projected"]
+        assert (tables.shape == (ITEMS + 1, 3, D)) if stacked else (
+            [t.shape for t in tables] == [(ITEMS + 1, D)] * 3)
+    got = jax.jit(duet.generate_prepared)(prepared, seq)
+    # The same operations per device, partly in another order (the SASRec split, batched vs
+    # vmapped matmuls): the generator's rounding path (embedding, one GRU step per position,
+    # two dense layers, a decoder) bounds the difference between two float32 evaluations.
+    roundings = tol.generator_roundings(L, D, D, D, embed=(D + 2,),
+                                        stabiliser=(3, 64) if "stabiliser" in options else (0, 0))
+    atol = tol.f32_pair_atol(roundings, tol.MODEL_SCALE)
+    is_leaf = lambda x: isinstance(x, LowRankKernel)
+    leaves_want, leaves_got = jax.tree.leaves(want, is_leaf), jax.tree.leaves(got, is_leaf)
+    assert jax.tree.structure(want, is_leaf) == jax.tree.structure(got, is_leaf)
+    for a, b in zip(leaves_got, leaves_want, strict=True):
+        if isinstance(a, LowRankKernel):
+            np.testing.assert_array_equal(a.u, b.u)
+            a, b = a.core, b.core
+        assert a.shape == b.shape and a.dtype == b.dtype
+        tol.assert_within(a, b, atol, model)
+
+
+def test_bfloat16_encoder_prepared_equals_its_plain_path():
+    duet, params = _duet("gru4rec", encoder="gru_bf16")
+    seq = jnp.asarray(_sequences())
+    features, mask = duet.model.embed_sequence(params["backbone"], seq)
+    gen = duet.generator
+    want = jax.vmap(lambda f, m: gen.apply(params["generator"], f, m, method=gen.encode))(
+        features, mask)
+    projection = encoders.token_projection("gru_bf16")
+    prepared = duet.prepare(params)
+    assert all(t.dtype == jnp.bfloat16 for t in prepared["projected"])
+    enc = params["generator"]["params"]["encoder"]
+    got = projection.encode(enc, tuple(t[seq.T] for t in prepared["projected"]), seq.T != 0)
+    # Both round the same float32 rows and weights to bfloat16 (8 significant bits, unit
+    # roundoff 2^-8) and multiply them; only accumulation orders may differ, by a few 2^-8
+    # per step on gates <= 1, compounding over 7 steps to ~0.05 on the state, carried to z
+    # by float32 dense layers of width 8 and weights <= 0.7 at about that size: 0.1 bounds
+    # it (the bound test_fast_encoders derives). A wrong table row or gate is O(1) off.
+    tol.assert_within(got, want, 0.1, "z")
+    heads = jax.jit(duet.generate_prepared)(prepared, seq)
+    assert heads["dense1"]["kernel"].dtype == jnp.float32  # heads stay float32
+
+
+def test_gru_split_equals_gru():
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32),
+                          layers.gru_init(jax.random.key(0), D, D))
+    x = rng.normal(size=(5, L, D)).astype(np.float32)
+    mask = np.arange(L) < np.array([0, 1, 3, 6, 7])[:, None]
+    want = layers.gru(params, jnp.asarray(x), jnp.asarray(mask))
+    gates = layers.gru_input_gates(params, jnp.moveaxis(jnp.asarray(x), 1, 0))
+    got = layers.gru_recurrence(params, gates, jnp.asarray(mask.T))
+    np.testing.assert_array_equal(got, want)  # the very same operations
+    np.testing.assert_array_equal(got[0], np.zeros(D))  # empty: the initial state
