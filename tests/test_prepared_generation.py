@@ -2,6 +2,8 @@
 gives the same heads as ``Duet.generate``, for every built-in model and GRU-family encoder,
 with padding, empty sequences, low-rank and stabilised heads."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from duet_jax import duet as duet_lib
 from duet_jax import encoders
 from duet_jax.duet import Duet
 from duet_jax.lowrank import LowRankKernel
-from duet_jax.models import ModelConfig, get_model, layers
+from duet_jax.models import DeviceModel, ModelConfig, get_model, layers, sasrec
 from tests import tolerances as tol
 
 D, L, ITEMS = 8, 7, 40
@@ -72,16 +74,27 @@ def test_sasrec_split_projection_equals_embed_sequence():
     tol.assert_within(got, want, tol.f32_pair_atol(D + 2 + tol.ELEMENTWISE, tol.MODEL_SCALE))
     with pytest.raises(ValueError, match="seq_len"):
         duet.model.embed_prepared(tables, seq[:, :3])
+    # the time-major gather: the same values, laid out [L, B, D] (same operations: exact)
+    tm, tm_mask = duet.model.embed_prepared_time_major(tables, seq)
+    np.testing.assert_array_equal(tm, np.swapaxes(got, 0, 1))
+    np.testing.assert_array_equal(tm_mask, got_mask.T)
+    with pytest.raises(ValueError, match="seq_len"):
+        duet.model.embed_prepared_time_major(tables, seq[:, :3])
 
 
-@pytest.mark.parametrize("options", [{}, {"low_rank": 2}, {"stabiliser": 3}, "stacked"])
+@pytest.mark.parametrize("options", [{}, {"low_rank": 2}, {"stabiliser": 3}, "stacked",
+                                     "chunked"])
 @pytest.mark.parametrize("model", ["gru4rec", "din", "sasrec"])
 def test_prepared_generation_equals_generate(model, options, monkeypatch):
+    n = 70  # devices: above the decoders' bias-fold threshold
     if options == "stacked":  # large vocabularies: one stacked table of [3, H] rows
         monkeypatch.setattr(duet_lib, "SEPARATE_TABLES_MAX_BYTES", 0)
         options = {}
+    if options == "chunked":  # large calls: the encoder runs 16 devices at a time
+        monkeypatch.setattr(duet_lib, "ENCODE_CHUNK", 16)
+        options, n = {}, 80
     duet, params = _duet(model, **options)
-    seq = jnp.asarray(_sequences())  # 70 devices: above the decoders' bias-fold threshold
+    seq = jnp.asarray(_sequences(n))
     want = jax.jit(duet.generate)(params, seq)
     prepared = duet.prepare(params)
     if "projected" in prepared:
@@ -140,3 +153,27 @@ def test_gru_split_equals_gru():
     got = layers.gru_recurrence(params, gates, jnp.asarray(mask.T))
     np.testing.assert_array_equal(got, want)  # the very same operations
     np.testing.assert_array_equal(got[0], np.zeros(D))  # empty: the initial state
+
+
+def test_a_model_without_a_time_major_gather_falls_back_to_a_transpose():
+    duet, params = _duet("sasrec")
+    # the SASRec functions minus embed_prepared_time_major, as a registered model might be
+    impl = types.SimpleNamespace(**{name: getattr(sasrec, name) for name in (
+        "init", "embed_sequence", "encode", "head_logits", "apply", "prepare_features",
+        "embed_prepared")})
+    model = DeviceModel("sasrec_plain", CONFIG, impl)
+    tables = model.prepare_features(params["backbone"])
+    seq = jnp.asarray(_sequences())
+    got, got_mask = model.embed_prepared_time_major(tables, seq)
+    want, want_mask = duet.model.embed_prepared_time_major(tables, seq)
+    np.testing.assert_array_equal(got, want)  # the same values either way
+    np.testing.assert_array_equal(got_mask, want_mask)
+    plain = Duet(model, duet.generator)
+    heads = jax.jit(plain.generate_prepared)(plain.prepare(params), seq)
+    ref = jax.jit(duet.generate_prepared)(duet.prepare(params), seq)
+    # the same arrays enter the same projection and recurrence; only a different fusion of
+    # the gather could reorder a sum: the generator's float32 rounding path bounds that
+    atol = tol.f32_pair_atol(tol.generator_roundings(L, D, D, D, embed=(D + 2,)),
+                             tol.MODEL_SCALE)
+    for a, b in zip(jax.tree.leaves(heads), jax.tree.leaves(ref), strict=True):
+        tol.assert_within(a, b, atol, "transposed fallback")

@@ -19,7 +19,8 @@ Optional, for faster generation (:meth:`duet_jax.duet.Duet.prepare`): either
 on the item alone (``embed_sequence(b, seq) == (token_features(b)[seq], seq != 0)``:
 ``gru4rec``, ``din``), or ``prepare_features(backbone) -> tables`` with
 ``embed_prepared(tables, seq) -> (H, mask)`` equal to ``embed_sequence`` (``sasrec``: its
-input projection split into an item and a position part).
+input projection split into an item and a position part), optionally with
+``embed_prepared_time_major(tables, seq) -> (H [L, B, F], mask [L, B])``.
 
 A batch is a dict: ``click_seq [B, L] int32`` right-padded with 0, ``target [B] int32``,
 ``label [B]``, ``user [B]`` (plus ``trigger_seq [B, L]`` for DUET). Sizes come from a
@@ -223,6 +224,18 @@ class DeviceModel:
         if "tokens" in prepared:
             return prepared["tokens"][seq], seq != 0
         return self.impl.embed_prepared(prepared["tables"], seq)
+
+    def embed_prepared_time_major(self, prepared: dict, seq: Array) -> tuple[Array, Array]:
+        """:meth:`embed_prepared` time-major, ``([L, B, F], mask [L, B])``: the model's own
+        ``embed_prepared_time_major`` if it has one (gathering in that order avoids a
+        transpose), else a transpose of ``embed_prepared``."""
+        if "tokens" in prepared:
+            return prepared["tokens"][seq.T], seq.T != 0
+        own = getattr(self.impl, "embed_prepared_time_major", None)
+        if callable(own):
+            return own(prepared["tables"], seq)
+        features, mask = self.impl.embed_prepared(prepared["tables"], seq)
+        return jax.numpy.swapaxes(features, 0, 1), mask.T
 
     def head_template(self) -> Any:
         """The head's structure, shapes and dtypes (``jax.ShapeDtypeStruct`` leaves)."""

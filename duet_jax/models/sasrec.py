@@ -69,6 +69,21 @@ def embed_prepared(prepared: dict[str, Array], seq: Array) -> tuple[Array, Array
     return jax.numpy.tanh(prepared["items"][seq] + positions), layers.sequence_mask(seq)
 
 
+def embed_prepared_time_major(prepared: dict[str, Array], seq: Array
+                              ) -> tuple[Array, Array]:
+    """:func:`embed_prepared` laid out time-major: ``seq [B, L]`` -> ``([L, B, D], mask
+    [L, B])``, gathered in that order (no transpose of the features)."""
+    positions = prepared["positions"]
+    if seq.shape[-1] != positions.shape[0]:
+        raise ValueError(
+            f"sequence length {seq.shape[-1]} != the model's seq_len {positions.shape[0]}: "
+            "pad or cut sequences to seq_len"
+        )
+    time_major = seq.T
+    h = jax.numpy.tanh(prepared["items"][time_major] + positions[:, None, :])
+    return h, layers.sequence_mask(time_major)
+
+
 def encode(backbone: dict, batch: dict, config: ModelConfig = DEFAULT) -> dict[str, Array]:
     """-> ``{"user": s [B, D], "target": t [B, D]}``."""
     h, mask = embed_sequence(backbone, batch["click_seq"])

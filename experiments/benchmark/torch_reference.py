@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from duet_jax import duet as duet_lib
 from duet_jax.duet import Duet
 from duet_jax.models import layers
 
@@ -113,12 +114,27 @@ def build_torch_generator(num_items: int, dim: int, seed: int = 0):
 def ours_fn(duet: Duet, prepared: bool = False) -> Callable:
     """``(params, seq [B, L], user [B, D]) -> [B, D]``: generate heads, apply each to its
     device's user vector (the SASRec head's MLP). ``prepared``: ``params`` is
-    :meth:`Duet.prepare`'s output and generation reads its tables."""
+    :meth:`Duet.prepare`'s output, generation reads its tables, and a batch above
+    ``ENCODE_CHUNK`` runs chunk by chunk (what a cloud serving many devices does)."""
     generate = duet.generate_prepared if prepared else duet.generate
 
-    def fn(params, seq, user):
+    def apply(params, seq, user):
         heads = generate(params, seq)
         return layers.mlp(heads, user, (jnp.tanh, None))
+
+    if not prepared:
+        return apply
+
+    def fn(params, seq, user):
+        # Each device's head is used at once, so a large batch runs in chunks of
+        # ENCODE_CHUNK devices (lax.map): the heads of one chunk stay in cache instead of
+        # B x 8.4 KB of heads written and read back (34 MB at B = 4,096). The same numbers.
+        n, chunk = seq.shape[0], duet_lib.ENCODE_CHUNK
+        if n <= chunk or n % chunk:
+            return apply(params, seq, user)
+        out = jax.lax.map(lambda a: apply(params, *a),
+                          (seq.reshape(n // chunk, chunk, -1), user.reshape(n // chunk, chunk, -1)))
+        return out.reshape(n, -1)
 
     return fn
 

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from duet_jax import duet as duet_lib
 from duet_jax.duet import Duet
 from duet_jax.models import ModelConfig, get_model
 from experiments.benchmark import torch_reference
@@ -31,7 +32,7 @@ def _setup(n: int = 12):
     return duet, params, seq, user
 
 
-def test_torch_reference_equals_ours_with_copied_parameters():
+def test_torch_reference_equals_ours_with_copied_parameters(monkeypatch):
     duet, params, seq, user = _setup()
     module = torch_reference.build_torch_generator(50, 8)
     torch_reference.load_ours_into(module, params)
@@ -45,8 +46,12 @@ def test_torch_reference_equals_ours_with_copied_parameters():
     # kernel, wrong gather) moves outputs by O(0.1).
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     assert np.abs(want).max() > 0.1  # not trivially zero
-    # from Duet.prepare's tables (what the benchmark times): the same function
+    # from Duet.prepare's tables (what the benchmark times): the same function, in one
+    # call and in chunks of 4 devices
     prepared = jax.jit(duet.prepare)(params)
+    got = np.asarray(jax.jit(torch_reference.ours_fn(duet, prepared=True))(prepared, seq, user))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(duet_lib, "ENCODE_CHUNK", 4)
     got = np.asarray(jax.jit(torch_reference.ours_fn(duet, prepared=True))(prepared, seq, user))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
