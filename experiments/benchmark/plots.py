@@ -1,4 +1,4 @@
-"""``benchmark.png``: four panels drawn from a ``benchmark.json`` payload."""
+"""``benchmark.png``: the panels a ``benchmark.json`` payload has data for."""
 
 from __future__ import annotations
 
@@ -15,55 +15,25 @@ import matplotlib.pyplot as plt  # after choosing the Agg backend
 
 
 def plot(result: dict, path: str) -> None:
-    """Four panels: devices/s vs N, vs batch size, the adaptation comparison, and the
-    speed-ups (vmap vs loop, low-rank, stages). ``result``: the ``benchmark.json`` payload
-    (``cases``, ``config``, ``environment``, ``load_average``)."""
+    """Up to five panels, each drawn only when the run measured what it shows: devices/s vs
+    N, vs batch size, the adaptation comparison, the generation variants (vmap vs loop,
+    low-rank, stages) and the PyTorch reference's batch sweep. ``result``: the
+    ``benchmark.json`` payload (``cases``, ``config``, ``environment``, ``load_average``)."""
     cases, config = result["cases"], result["config"]
     models = model_names(config["models"])
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    ax = axes[0, 0]
-    for m in models:
-        pts = sorted((c["num_devices"], c["devices_per_s"]) for c in cases
-                     if c["case"] == "generation" and c["model"] == m
-                     and c["batch_size"] == config["batch_size"])
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=m)
-    ax.axhline(TARGET_DEVICES_PER_S, ls="--", c="gray", label="target (SASRec/GRU4Rec)")
-    ax.set(xscale="log", yscale="log", xlabel="devices N", ylabel="devices / s",
-           title=f"head generation, batch {config['batch_size']} (heads streamed)")
-    ax.legend()
-    ax = axes[0, 1]
-    for m in models:
-        pts = sorted((c["batch_size"], c["devices_per_s"]) for c in cases
-                     if c["case"] == "generation" and c["model"] == m
-                     and c["num_devices"] == config["batch_sweep_devices"])
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=m)
-    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="devices / s",
-           title=f"head generation, N = {config['batch_sweep_devices']:,}")
-    ax.legend()
-
-    def value(kind: str, key: str, **match) -> Callable[[str], float | None]:
-        def pick(m):
-            c = find_case(cases, kind, m, **match)
-            return None if c is None else c[key]
-        return pick
-
-    steps = config["finetune"]["steps"]
-    labels = ["DUET (generate)"] + [f"fine-tune vmap k={k}" for k in steps] + [
-        f"fine-tune loop k={k}" for k in steps]
-    kinds = [value("duet_adapt", "ms_per_device")] + [
-        value("finetune_vmap", "ms_per_device", steps=k) for k in steps] + [
-        value("finetune_loop", "ms_per_device", steps=k) for k in steps]
-    _bars(axes[1, 0], models, labels, kinds,
-          f"adaptation per device (fine-tuning: {config['finetune']['params']}, "
-          f"{config['finetune']['num_samples']} rows)", "ms / device")
-    labels = ["jit+vmap", "python loop", "low-rank", "encoder only", "decoder only"]
-    kinds = [value("generation", "devices_per_s", num_devices=config["loop_devices"],
-                   batch_size=config["batch_size"]),
-             value("loop", "devices_per_s"), value("low_rank", "devices_per_s"),
-             value("encoder", "devices_per_s"), value("decoder", "devices_per_s")]
-    _bars(axes[1, 1], models, labels, kinds, "generation variants", "devices / s")
+    panels = [p for p in (_n_sweep(cases, config, models), _b_sweep(cases, config, models),
+                          _adaptation(cases, config, models), _variants(cases, config, models),
+                          _torch_reference(cases)) if p is not None]
+    if not panels:  # nothing this plot can show: say so rather than draw empty axes
+        panels = [lambda ax: (ax.axis("off"), ax.text(
+            0.5, 0.5, "no case of this run has a panel", ha="center", va="center"))]
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    for ax, draw in zip(axes.flat, panels, strict=False):
+        draw(ax)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.remove()
     env = result["environment"]
     fig.suptitle(f"duet_jax benchmark: {env['processor']} ({env['cpu_count']} cores), "
                  f"{env['jax_backend']}, load avg {result['load_average']['start'][0]:.1f}"
@@ -74,14 +44,112 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _bars(ax, models: list[str], labels: list[str],
-          kinds: list[Callable[[str], float | None]], title: str, ylabel: str) -> None:
-    """Grouped bars: one group per model, one bar per ``labels`` entry (missing: 0)."""
-    width = 0.8 / len(labels)
-    for i, (label, pick) in enumerate(zip(labels, kinds, strict=True)):
-        vals = [pick(m) for m in models]
-        ax.bar(np.arange(len(models)) + i * width, [v or 0 for v in vals], width, label=label)
-    ax.set_xticks(np.arange(len(models)) + width * (len(labels) - 1) / 2, models)
-    ax.set(yscale="log", title=title, ylabel=ylabel)
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
-    ax.set_ylim(top=ax.get_ylim()[1] * 30)  # room for the legend above the bars
+Panel = Callable[[object], object] | None
+
+
+def _lines(series: dict[str, list[tuple[float, float]]], target: bool, xlabel: str,
+           title: str) -> Panel:
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+
+    def draw(ax):
+        for label, pts in series.items():
+            ax.plot(*zip(*sorted(pts), strict=True), "o-", label=label)
+        if target:
+            ax.axhline(TARGET_DEVICES_PER_S, ls="--", c="gray", label="target (SASRec/GRU4Rec)")
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="devices / s", title=title)
+        ax.legend()
+
+    return draw
+
+
+def _n_sweep(cases, config, models) -> Panel:
+    return _lines({m: [(c["num_devices"], c["devices_per_s"]) for c in cases
+                       if c["case"] == "generation" and c["model"] == m
+                       and c["batch_size"] == config["batch_size"]] for m in models},
+                  True, "devices N",
+                  f"head generation, batch {config['batch_size']} (heads streamed)")
+
+
+def _b_sweep(cases, config, models) -> Panel:
+    return _lines({m: [(c["batch_size"], c["devices_per_s"]) for c in cases
+                       if c["case"] == "generation" and c["model"] == m
+                       and c["num_devices"] == config["batch_sweep_devices"]] for m in models},
+                  False, "batch size B",
+                  f"head generation, N = {config['batch_sweep_devices']:,}")
+
+
+def _value(cases, kind: str, key: str, **match) -> Callable[[str], float | None]:
+    def pick(m):
+        c = find_case(cases, kind, m, **match)
+        return None if c is None else c[key]
+    return pick
+
+
+def _adaptation(cases, config, models) -> Panel:
+    steps = config["finetune"]["steps"]
+    labels = ["DUET (generate)"] + [f"fine-tune vmap k={k}" for k in steps] + [
+        f"fine-tune loop k={k}" for k in steps]
+    kinds = [_value(cases, "duet_adapt", "ms_per_device")] + [
+        _value(cases, "finetune_vmap", "ms_per_device", steps=k) for k in steps] + [
+        _value(cases, "finetune_loop", "ms_per_device", steps=k) for k in steps]
+    return _bars(models, labels, kinds,
+                 f"adaptation per device (fine-tuning: {config['finetune']['params']}, "
+                 f"{config['finetune']['num_samples']} rows)", "ms / device")
+
+
+def _variants(cases, config, models) -> Panel:
+    labels = ["jit+vmap", "python loop", "low-rank", "encoder only", "decoder only"]
+    kinds = [_value(cases, "generation", "devices_per_s", num_devices=config["loop_devices"],
+                    batch_size=config["batch_size"]),
+             _value(cases, "loop", "devices_per_s"), _value(cases, "low_rank", "devices_per_s"),
+             _value(cases, "encoder", "devices_per_s"), _value(cases, "decoder", "devices_per_s")]
+    if not any(find_case(cases, k, m) for k in ("loop", "low_rank", "encoder", "decoder")
+               for m in models):
+        return None  # generation alone is drawn by the sweeps
+    return _bars(models, labels, kinds, "generation variants", "devices / s")
+
+
+def _torch_reference(cases) -> Panel:
+    rows = [c for c in cases if c["case"] == "torch_reference" and not c.get("skipped")]
+    if not rows:
+        return None
+    row = rows[0]
+    sweep = row["sweep_devices_per_s"]
+
+    def draw(ax):
+        for side, label in (("ours", "ours (duet_jax)"), ("torch", "authors' design (torch)")):
+            pts = sorted((int(b), v) for b, v in sweep[side].items())
+            ax.plot(*zip(*pts, strict=True), "o-", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="devices / s",
+               title=f"{row['model']} head vs the PyTorch reference (torch threads "
+                     f"{row['torch_threads']} of {row['threads']})\nours "
+                     f"{row['speedup_same_batch']['median']:.2f}x at torch's best B "
+                     "(paired rounds)")
+        ax.legend()
+
+    return draw
+
+
+def _bars(models: list[str], labels: list[str], kinds: list[Callable[[str], float | None]],
+          title: str, ylabel: str) -> Panel:
+    """Grouped bars: one group per model, one bar per ``labels`` entry that has a value for
+    some model (missing ones are left out, not drawn as zero); None when none has."""
+    values = [(label, [pick(m) for m in models]) for label, pick in zip(labels, kinds,
+                                                                          strict=True)]
+    values = [(label, vals) for label, vals in values if any(v for v in vals)]
+    if not values:
+        return None
+
+    def draw(ax):
+        width = 0.8 / len(values)
+        for i, (label, vals) in enumerate(values):
+            ax.bar(np.arange(len(models)) + i * width, [v or 0 for v in vals], width,
+                   label=label)
+        ax.set_xticks(np.arange(len(models)) + width * (len(values) - 1) / 2, models)
+        ax.set(yscale="log", title=title, ylabel=ylabel)
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        ax.set_ylim(top=ax.get_ylim()[1] * 30)  # room for the legend above the bars
+
+    return draw
