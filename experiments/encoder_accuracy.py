@@ -39,21 +39,33 @@ METRICS = ("auc", "uauc")  # in the table; results.json also keeps logloss and v
 KEPT = ("auc", "uauc", "logloss")
 BASE = "base"  # the key Base's values are stored under, beside the encoders
 
-_CONFIG = flags.DEFINE_string(
-    "config", "experiments/configs/movielens_100k.py", "Main-job config file of every cell.")
-_ROOT = flags.DEFINE_string("root", None, "Directory of the cells' workdirs.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Where results.json and encoder_accuracy.md go.",
-                           required=True)
-_ENCODERS = flags.DEFINE_list("encoders", ["gru", "attention", "gru_bf16"],
-                              "Generator encoders to compare.")
-_REFERENCE = flags.DEFINE_string("reference", "gru",
-                                 "The encoder the others are compared with (trains Base too).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed).")
-_SET = flags.DEFINE_multi_string(
-    "set", [], "FIELD=VALUE passed to every cell as --config.FIELD=VALUE "
-    "(e.g. train.num_epochs=4); not seed, generator.encoder or methods.")
-_COLLECT_ONLY = flags.DEFINE_bool("collect_only", False,
-                                  "Only read the finished cells; run nothing.")
+# The flags are defined when the entry point runs (run()), not on import: the test imports
+# this module beside other entry points whose flags share names (--out, --seeds, --config).
+_FLAGS: dict[str, flags.FlagHolder] = {}
+
+
+def define_flags() -> None:
+    """Define this entry point's flags (once)."""
+    if _FLAGS:
+        return
+    _FLAGS["config"] = flags.DEFINE_string(
+        "config", "experiments/configs/movielens_100k.py",
+        "Main-job config file of every cell.")
+    _FLAGS["root"] = flags.DEFINE_string("root", None, "Directory of the cells' workdirs.",
+                                         required=True)
+    _FLAGS["out"] = flags.DEFINE_string(
+        "out", None, "Where results.json and encoder_accuracy.md go.", required=True)
+    _FLAGS["encoders"] = flags.DEFINE_list("encoders", ["gru", "attention", "gru_bf16"],
+                                           "Generator encoders to compare.")
+    _FLAGS["reference"] = flags.DEFINE_string(
+        "reference", "gru", "The encoder the others are compared with (trains Base too).")
+    _FLAGS["seeds"] = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed).")
+    _FLAGS["set"] = flags.DEFINE_multi_string(
+        "set", [], "FIELD=VALUE passed to every cell as --config.FIELD=VALUE "
+        "(e.g. train.num_epochs=4); not seed, generator.encoder or methods.")
+    _FLAGS["collect_only"] = flags.DEFINE_bool("collect_only", False,
+                                               "Only read the finished cells; run nothing.")
+
 
 OWN_FIELDS = ("seed", "generator.encoder", "methods")  # what the grid itself sets per cell
 
@@ -308,38 +320,42 @@ def collect(cells: Sequence[Mapping], reference: str) -> dict:
 
 def main(argv: list[str]) -> None:
     cli.start(argv)
-    encoders, reference = list(_ENCODERS.value), _REFERENCE.value
+    flag = {name: holder.value for name, holder in _FLAGS.items()}
+    encoders, reference = list(flag["encoders"]), flag["reference"]
     if reference not in encoders:
         raise ConfigError("--reference", reference, f"one of --encoders {encoders}")
-    seeds = [int(s) for s in _SEEDS.value]
+    seeds = [int(s) for s in flag["seeds"]]
     try:
-        parse_overrides(_SET.value)
+        parse_overrides(flag["set"])
     except ValueError as err:
-        raise ConfigError("--set", _SET.value, str(err)) from None
-    cells = run_grid(_CONFIG.value, _ROOT.value, encoders, seeds, reference, _SET.value,
-                     _COLLECT_ONLY.value)
+        raise ConfigError("--set", flag["set"], str(err)) from None
+    cells = run_grid(flag["config"], flag["root"], encoders, seeds, reference, flag["set"],
+                     flag["collect_only"])
     missing = [f"seed {c['seed']} {c['encoder']}" for c in cells if c["values"] is None]
     summary = aggregate(collect(cells, reference), reference)
     command = shlex.join(["python", "-m", "experiments.encoder_accuracy", *sys.argv[1:]])
     template = " ".join([
-        "python -m experiments.main", f"--config={_CONFIG.value}",
-        f"--workdir={os.path.join(_ROOT.value, 'seed<k>', '<E>')}", "--config.seed=<k>",
+        "python -m experiments.main", f"--config={flag['config']}",
+        f"--workdir={os.path.join(flag['root'], 'seed<k>', '<E>')}", "--config.seed=<k>",
         "--config.generator.encoder=<E>", "--config.methods=<M>",
-        *(f"--config.{item}" for item in _SET.value),
+        *(f"--config.{item}" for item in flag["set"]),
     ]) + f"  # <M> = {cell_methods(reference, reference)} for <E> = {reference}, else duet"
     notes = [f"Missing cells (not finished): {', '.join(missing)}."] if missing else []
-    os.makedirs(_OUT.value, exist_ok=True)
-    payload = {"command": command, "cell_command": template, "config_file": _CONFIG.value,
-               "overrides": list(_SET.value), "encoders": encoders, "reference": reference,
+    os.makedirs(flag["out"], exist_ok=True)
+    payload = {"command": command, "cell_command": template, "config_file": flag["config"],
+               "overrides": list(flag["set"]), "encoders": encoders, "reference": reference,
                "seeds": seeds, "missing": missing, "summary": summary, "cells": cells}
-    files.write_text_atomic(os.path.join(_OUT.value, "results.json"), files.dumps(payload))
+    files.write_text_atomic(os.path.join(flag["out"], "results.json"), files.dumps(payload))
     table = markdown(summary, reference, command, template, cells, notes)
-    files.write_text_atomic(os.path.join(_OUT.value, "encoder_accuracy.md"), table)
+    files.write_text_atomic(os.path.join(flag["out"], "encoder_accuracy.md"), table)
     print(table)
-    print(f"written to {os.path.abspath(_OUT.value)}/{{results.json,encoder_accuracy.md}}")
+    print(f"written to {os.path.abspath(flag['out'])}/{{results.json,encoder_accuracy.md}}")
 
 
-run = cli.entry_point(main)
+def run() -> None:
+    define_flags()
+    cli.entry_point(main)()
+
 
 if __name__ == "__main__":
     run()
