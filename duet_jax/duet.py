@@ -162,7 +162,8 @@ class Duet:
         params = prepared["params"]
         gen = self.generator
         n = seq.shape[0]
-        if n > ENCODE_CHUNK and n % ENCODE_CHUNK == 0:
+        # a symbolic batch (jax.export's 'b') cannot be compared: one call serves any size
+        if isinstance(n, int) and n > ENCODE_CHUNK and n % ENCODE_CHUNK == 0:
             chunks = seq.reshape(n // ENCODE_CHUNK, ENCODE_CHUNK, seq.shape[1])
             z = jax.lax.map(lambda s: self._encode_prepared(prepared, s), chunks)
             z = z.reshape(n, z.shape[-1])
