@@ -13,6 +13,7 @@ Any device model works, built-in or registered with
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -159,24 +160,16 @@ class Duet:
         When ``N`` is a multiple of :data:`ENCODE_CHUNK` above it, the encoder runs chunk by
         chunk (``lax.map``) and the decoders once on all ``z [N, Z]``: the same numbers as
         one call, with the encoder's working set kept in cache."""
-        params = prepared["params"]
         gen = self.generator
-        n = seq.shape[0]
-        # a symbolic batch (jax.export's 'b') cannot be compared: one call serves any size
-        if isinstance(n, int) and n > ENCODE_CHUNK and n % ENCODE_CHUNK == 0:
-            chunks = seq.reshape(n // ENCODE_CHUNK, ENCODE_CHUNK, seq.shape[1])
-            z = jax.lax.map(lambda s: self._encode_prepared(prepared, s), chunks)
-            z = z.reshape(n, z.shape[-1])
-        else:
-            z = self._encode_prepared(prepared, seq)
-        return gen.apply(params["generator"], z, method=gen.decode)
+        z = in_chunks(lambda s: self._encode_prepared(prepared, s), seq)
+        return gen.apply(prepared["params"]["generator"], z, method=gen.decode)
 
     def _encode_prepared(self, prepared: dict, seq: Array) -> Array:
         """``seq [n, L]`` -> ``z [n, Z]`` from the prepared tables."""
         params = prepared["params"]
         gen = self.generator
+        projection = encoders_lib.token_projection(gen.encoder)
         if "projected" in prepared:
-            projection = encoders_lib.token_projection(gen.encoder)
             time_major = seq.T  # [L, n]: the recurrence steps over the leading axis
             tables = prepared["projected"]
             if isinstance(tables, tuple | list):
@@ -186,7 +179,6 @@ class Duet:
                 gathered = tuple(rows[..., k, :] for k in range(tables.shape[-2]))
             return projection.encode(params["generator"]["params"]["encoder"], gathered,
                                      time_major != 0)
-        projection = encoders_lib.token_projection(gen.encoder)
         if "features" in prepared and projection is not None:
             # batched and gathered time-major rather than vmapped per device: the
             # per-device form transposes each device's rows inside the vmap, and ran 1.6x
@@ -205,3 +197,18 @@ class Duet:
         """-> logits ``[B]``, each sample scored by the head generated from its trigger_seq."""
         heads = self.generate(params, batch["trigger_seq"])
         return self.model.apply(params["backbone"], heads, batch)
+
+
+def in_chunks(fn: Callable[..., Any], *rows: Array, chunk: int | None = None) -> Any:
+    """``fn(*rows)`` for arrays sharing a leading axis of ``n`` rows, computed ``chunk`` rows
+    at a time (``lax.map``, default :data:`ENCODE_CHUNK`) when ``n`` is a static multiple of
+    ``chunk`` above it, else in one call. ``fn`` must treat rows independently and return
+    arrays (or a pytree of them) with the same leading ``n``: the results are the same
+    numbers either way, with a smaller working set. A symbolic ``n`` (``jax.export``'s
+    batch) cannot be compared, so it runs in one call."""
+    n, chunk = rows[0].shape[0], chunk or ENCODE_CHUNK
+    if not (isinstance(n, int) and n > chunk and n % chunk == 0):
+        return fn(*rows)
+    split = tuple(r.reshape(n // chunk, chunk, *r.shape[1:]) for r in rows)
+    out = jax.lax.map(lambda xs: fn(*xs), split)
+    return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)

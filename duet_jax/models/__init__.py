@@ -15,9 +15,10 @@ A device model is any module or object with these five functions (the protocol
 - ``apply(backbone, head, batch, config) -> logits [B]``: ``head_logits(head, encode(...))``.
 
 Optional, for faster generation (:meth:`duet_jax.duet.Duet.prepare`): either
-``token_features(backbone) -> [num_items + 1, F]`` when ``embed_sequence``'s features depend
-on the item alone (``embed_sequence(b, seq) == (token_features(b)[seq], seq != 0)``:
-``gru4rec``, ``din``), or ``prepare_features(backbone) -> tables`` with
+``PER_ITEM_FEATURES = True`` when ``embed_sequence``'s feature of an item depends on the
+item alone, not its position or the sequence's length (``gru4rec``, ``din``: the features of
+every item are then ``embed_sequence`` of the sequence ``0, 1, ..., num_items``), or
+``prepare_features(backbone) -> tables`` with
 ``embed_prepared(tables, seq) -> (H, mask)`` equal to ``embed_sequence`` (``sasrec``: its
 input projection split into an item and a position part), optionally with
 ``embed_prepared_time_major(tables, seq) -> (H [L, B, F], mask [L, B])``.
@@ -212,8 +213,10 @@ class DeviceModel:
         """What ``embed_sequence`` can compute once per parameter set (module docstring):
         ``{"tokens": [num_items + 1, F]}`` (per-item features), ``{"tables": ...}`` (the
         model's own split), or None when the model has neither."""
-        if callable(getattr(self.impl, "token_features", None)):
-            return {"tokens": self.impl.token_features(backbone)}
+        if getattr(self.impl, "PER_ITEM_FEATURES", False):
+            # every item (row 0: padding) as one sequence: embed_sequence's own computation
+            items = jax.numpy.arange(self.config.num_items + 1)[None]
+            return {"tokens": self.impl.embed_sequence(backbone, items)[0][0]}
         if callable(getattr(self.impl, "prepare_features", None)):
             return {"tables": self.impl.prepare_features(backbone)}
         return None

@@ -30,18 +30,15 @@ def init(rng: Array, config: ModelConfig) -> dict:
     return {"backbone": backbone, "head": towers.dot_head_init(k_head, d)}
 
 
+# embed_sequence's features depend on each item alone (not its position, nor the
+# sequence's length): Duet.prepare may compute them once per item (models/__init__.py)
+PER_ITEM_FEATURES = True
+
+
 def embed_sequence(backbone: dict, seq: Array) -> tuple[Array, Array]:
     """``H = tanh(Dense(E[seq]))`` -> ``([B, L, D], mask [B, L])``."""
     x = layers.embed(backbone["item_embedding"], seq)
     return jnp.tanh(layers.dense(backbone["input_proj"], x)), layers.sequence_mask(seq)
-
-
-def token_features(backbone: dict) -> Array:
-    """``embed_sequence``'s feature of every item ``[num_items + 1, D]`` (row 0: padding):
-    ``embed_sequence(backbone, seq) == (token_features(backbone)[seq], seq != 0)``."""
-    table = backbone["item_embedding"]
-    rows = layers.embed(table, jnp.arange(table.shape[0]))  # row 0 -> zeros, as embed does
-    return jnp.tanh(layers.dense(backbone["input_proj"], rows))
 
 
 def encode(backbone: dict, batch: dict, config: ModelConfig = DEFAULT) -> dict[str, Array]:

@@ -35,14 +35,18 @@ def init(rng: Array, config: ModelConfig) -> dict:
     return {"backbone": backbone, "head": towers.dot_head_init(k_head, d)}
 
 
-def embed_sequence(backbone: dict, seq: Array) -> tuple[Array, Array]:
-    """``H = tanh(Dense(E[seq] + P))`` -> ``([B, L, D], mask [B, L])``; the generator reads it."""
-    positions = backbone["position_embedding"]
+def _check_length(seq: Array, positions: Array) -> None:
     if seq.shape[-1] != positions.shape[0]:
         raise ValueError(
             f"sequence length {seq.shape[-1]} != the model's seq_len {positions.shape[0]}: "
             "pad or cut sequences to seq_len"
         )
+
+
+def embed_sequence(backbone: dict, seq: Array) -> tuple[Array, Array]:
+    """``H = tanh(Dense(E[seq] + P))`` -> ``([B, L, D], mask [B, L])``; the generator reads it."""
+    positions = backbone["position_embedding"]
+    _check_length(seq, positions)
     x = layers.embed(backbone["item_embedding"], seq) + positions
     return jax.numpy.tanh(layers.dense(backbone["input_proj"], x)), layers.sequence_mask(seq)
 
@@ -61,11 +65,7 @@ def embed_prepared(prepared: dict[str, Array], seq: Array) -> tuple[Array, Array
     """:func:`embed_sequence` from :func:`prepare_features`' tables: a gather and a ``tanh``
     (equal up to float summation order)."""
     positions = prepared["positions"]
-    if seq.shape[-1] != positions.shape[0]:
-        raise ValueError(
-            f"sequence length {seq.shape[-1]} != the model's seq_len {positions.shape[0]}: "
-            "pad or cut sequences to seq_len"
-        )
+    _check_length(seq, positions)
     return jax.numpy.tanh(prepared["items"][seq] + positions), layers.sequence_mask(seq)
 
 
@@ -74,11 +74,7 @@ def embed_prepared_time_major(prepared: dict[str, Array], seq: Array
     """:func:`embed_prepared` laid out time-major: ``seq [B, L]`` -> ``([L, B, D], mask
     [L, B])``, gathered in that order (no transpose of the features)."""
     positions = prepared["positions"]
-    if seq.shape[-1] != positions.shape[0]:
-        raise ValueError(
-            f"sequence length {seq.shape[-1]} != the model's seq_len {positions.shape[0]}: "
-            "pad or cut sequences to seq_len"
-        )
+    _check_length(seq, positions)
     time_major = seq.T
     h = jax.numpy.tanh(prepared["items"][time_major] + positions[:, None, :])
     return h, layers.sequence_mask(time_major)

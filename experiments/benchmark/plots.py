@@ -64,18 +64,23 @@ def _lines(series: dict[str, list[tuple[float, float]]], target: bool, xlabel: s
     return draw
 
 
+def _sweep(cases, models, x: str, fixed: str, value, target: bool, xlabel: str,
+           title: str) -> Panel:
+    """devices/s of the generation cases against field ``x``, with field ``fixed`` at
+    ``value``: one line per model."""
+    return _lines({m: [(c[x], c["devices_per_s"]) for c in cases
+                       if c["case"] == "generation" and c["model"] == m and c[fixed] == value]
+                   for m in models}, target, xlabel, title)
+
+
 def _n_sweep(cases, config, models) -> Panel:
-    return _lines({m: [(c["num_devices"], c["devices_per_s"]) for c in cases
-                       if c["case"] == "generation" and c["model"] == m
-                       and c["batch_size"] == config["batch_size"]] for m in models},
-                  True, "devices N",
+    return _sweep(cases, models, "num_devices", "batch_size", config["batch_size"], True,
+                  "devices N",
                   f"head generation, batch {config['batch_size']} (heads streamed)")
 
 
 def _b_sweep(cases, config, models) -> Panel:
-    return _lines({m: [(c["batch_size"], c["devices_per_s"]) for c in cases
-                       if c["case"] == "generation" and c["model"] == m
-                       and c["num_devices"] == config["batch_sweep_devices"]] for m in models},
+    return _sweep(cases, models, "batch_size", "num_devices", config["batch_sweep_devices"],
                   False, "batch size B",
                   f"head generation, N = {config['batch_sweep_devices']:,}")
 
