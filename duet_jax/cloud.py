@@ -39,6 +39,7 @@ from duet_jax import sharding
 from duet_jax.data.batching import bucket_size
 from duet_jax.duet import Duet
 from duet_jax.lowrank import materialize
+from duet_jax.xla_options import CPU_VECTOR_WIDTH, generation_jit
 
 UPLOADS = ("ids", "z")
 ID_BYTES = 4  # int32 item id
@@ -58,7 +59,9 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 
 
 class Cloud:
-    """Answers requests: uploads ``[n, ...]`` -> heads with a leading ``n`` axis (numpy)."""
+    """Answers requests: uploads ``[n, ...]`` -> heads with a leading ``n`` axis (numpy).
+    Generation compiles with :func:`duet_jax.xla_options.generation_options` (``vector_width``
+    bits on CPU; 0 = XLA's default)."""
 
     def __init__(
         self,
@@ -68,6 +71,7 @@ class Cloud:
         min_bucket: int = 64,
         max_bucket: int = 4096,
         mesh: Mesh | str | None = "auto",
+        vector_width: int = CPU_VECTOR_WIDTH,
     ):
         if upload not in UPLOADS:
             raise ValueError(f"upload {upload!r}: expected one of {UPLOADS}")
@@ -89,7 +93,8 @@ class Cloud:
             params = jax.device_put(params)
         self.params = params
         gen = duet.generator
-        self._encode = jax.jit(functools.partial(_encode_z, duet))
+        jit = functools.partial(generation_jit, vector_width=vector_width)
+        self._encode = jit(functools.partial(_encode_z, duet))
         # A device receives the head in the template's structure, so low-rank kernels are
         # formed (materialize) before delivery.
         if upload == "ids":
@@ -97,11 +102,12 @@ class Cloud:
             prepared = jax.jit(duet.prepare)(params)
             self._inputs = (jax.device_put(prepared, sharding.replicated(self.mesh))
                             if self.mesh is not None else prepared)
-            self._serve = jax.jit(lambda p, seqs: materialize(duet.generate_prepared(p, seqs)))
+            self._serve = jit(
+                lambda p, seqs: materialize(duet.generate_prepared(p, seqs)))
         else:
             # decoders run batched on z [n, Z], as in Duet.generate
             self._inputs = params
-            self._serve = jax.jit(lambda p, z: materialize(
+            self._serve = jit(lambda p, z: materialize(
                 gen.apply(p["generator"], z, method=gen.decode)))
         self._warm: set[int] = set()
 

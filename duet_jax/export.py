@@ -41,6 +41,7 @@ from duet_jax import cache, delivery, files
 from duet_jax.bucketed_engine import BucketedEngine
 from duet_jax.cloud import UPLOADS
 from duet_jax.errors import ConfigError
+from duet_jax.xla_options import CPU_VECTOR_WIDTH, generation_jit
 
 EXPORT_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -68,10 +69,10 @@ def export_run(run, directory: str, uploads: tuple[str, ...] = UPLOADS,
                "z": jax.ShapeDtypeStruct((b, run.duet.generator.z_dim), np.float32)}
     os.makedirs(directory, exist_ok=True)
     functions = {}
-    for (kind, fmt), jitted in engine._fns.items():
-        def fn(*args, jitted=jitted):
+    for (kind, fmt), traced in engine.functions.items():
+        def fn(*args, traced=traced):
             params = jax.tree.unflatten(treedef, args[:-1])
-            return jax.tree.leaves(jitted({"params": params}, args[-1]))
+            return jax.tree.leaves(traced({"params": params}, args[-1]))
 
         exported = jax.export.export(jax.jit(fn))(*param_specs, x_specs[kind])
         name = _fn_file(kind, fmt)
@@ -99,7 +100,8 @@ class ExportedEngine(BucketedEngine):
 
     def __init__(self, directory: str, max_batch: int = 64, min_bucket: int = 1,
                  uploads: tuple[str, ...] = UPLOADS,
-                 formats: tuple[str, ...] = delivery.FORMATS):
+                 formats: tuple[str, ...] = delivery.FORMATS,
+                 vector_width: int = CPU_VECTOR_WIDTH):
         from duet_jax.serving.engine import Layout
 
         def fail(expected: str) -> ConfigError:
@@ -144,7 +146,7 @@ class ExportedEngine(BucketedEngine):
                     raise fail(f"{entry['file']} loadable by jax {jax.__version__} (written "
                                f"by jax {manifest['jax_version']}, calling convention "
                                f"{entry['calling_convention_version']}): {err}") from None
-                self._fns[kind, fmt] = jax.jit(exported.call)
+                self._fns[kind, fmt] = generation_jit(exported.call, vector_width)
         self.params = jax.device_put(self.params)
         self._lock = threading.Lock()
 

@@ -30,6 +30,7 @@ from duet_jax.duet import Duet
 from duet_jax.generator import low_rank_for
 from duet_jax.lowrank import LowRankKernel
 from duet_jax.models import DeviceModel
+from duet_jax.xla_options import generation_jit
 
 DEVICE_AXIS = "devices"
 
@@ -222,9 +223,10 @@ def sharded_generate(duet: Duet, mesh: Mesh, donate: bool = False) -> Callable:
     ``N`` must be a multiple of ``mesh.size`` (:func:`shard_devices` pads). ``donate`` frees
     the input sequences' buffer for the outputs (a cloud streaming batches never reuses it).
     """
-    return jax.jit(duet.generate, in_shardings=(replicated(mesh), device_sharding(mesh)),
-                   out_shardings=head_shardings(duet, mesh),
-                   donate_argnums=(1,) if donate else ())
+    return generation_jit(duet.generate,
+                          in_shardings=(replicated(mesh), device_sharding(mesh)),
+                          out_shardings=head_shardings(duet, mesh),
+                          donate_argnums=(1,) if donate else ())
 
 
 def sharded_finetune(model: DeviceModel, mode: str, steps: int, mesh: Mesh) -> Callable:

@@ -18,6 +18,7 @@ from absl import flags
 from duet_jax import delivery
 from duet_jax.cloud import UPLOADS
 from duet_jax.errors import ConfigError
+from duet_jax.xla_options import CPU_VECTOR_WIDTH, VECTOR_WIDTHS
 from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A DUET run directory (WORKDIR/<method>).")
@@ -37,6 +38,9 @@ _FORMATS = flags.DEFINE_list("formats", list(delivery.FORMATS), "Delivery format
 _INLINE = flags.DEFINE_bool("inline_generation", False,
                             "Generate on the event loop's thread, not a worker thread: "
                             "fewer thread hand-offs, better on a few busy CPU cores.")
+_VECTOR_WIDTH = flags.DEFINE_integer(
+    "cpu_vector_width", CPU_VECTOR_WIDTH,
+    "On CPU, LLVM's preferred vector width in bits for generation (0 = XLA's default, 256).")
 _GRACE = flags.DEFINE_integer("graceful_shutdown_s", 30,
                               "On SIGTERM, how long in-flight requests may take.")
 
@@ -54,8 +58,12 @@ def build_engine():
             raise ConfigError(name, ",".join(values), f"a list from {list(allowed)}")
     if _MAX_BATCH.value < 1 or _MIN_BUCKET.value < 1:
         raise ConfigError("--max_batch", _MAX_BATCH.value, "max_batch and min_bucket >= 1")
+    if _VECTOR_WIDTH.value not in VECTOR_WIDTHS:
+        raise ConfigError("--cpu_vector_width", _VECTOR_WIDTH.value,
+                          f"one of {list(VECTOR_WIDTHS)} (bits; 0 = XLA's default)")
     kwargs = {"max_batch": _MAX_BATCH.value, "min_bucket": _MIN_BUCKET.value,
-              "uploads": tuple(_UPLOADS.value), "formats": tuple(_FORMATS.value)}
+              "uploads": tuple(_UPLOADS.value), "formats": tuple(_FORMATS.value),
+              "vector_width": _VECTOR_WIDTH.value}
     if _EXPORTED.value:
         from duet_jax.export import ExportedEngine
 

@@ -31,6 +31,7 @@ from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
 from duet_jax.lowrank import materialize
 from duet_jax.paramspec import HeadSpec
+from duet_jax.xla_options import CPU_VECTOR_WIDTH, generation_jit
 
 RUN_CONFIG = "run_config.json"
 RUN_CONFIG_FORMAT = 2  # the run_config.json layout this loader reads (duet_jax.training)
@@ -195,12 +196,14 @@ class Engine(BucketedEngine):
 
     Rows are padded (repeating row 0) to a power-of-two bucket in ``[min_bucket,
     max_batch]``, so jit compiles one program per (kind, fmt, bucket). Calls are serialised
-    by a lock: one generation at a time uses all cores.
+    by a lock: one generation at a time uses all cores. ``vector_width``: on CPU, LLVM's
+    preferred vector width for generation (:mod:`duet_jax.xla_options`; 0 = XLA's default).
     """
 
     def __init__(self, run: LoadedRun, max_batch: int = 64, min_bucket: int = 1,
                  uploads: tuple[str, ...] = UPLOADS,
-                 formats: tuple[str, ...] = delivery.FORMATS, prepare: bool = True):
+                 formats: tuple[str, ...] = delivery.FORMATS, prepare: bool = True,
+                 vector_width: int = CPU_VECTOR_WIDTH):
         self.run_info, self.duet = run, run.duet
         self.spec = run.duet.spec
         self.version, self.layout = run.version, Layout.of(self.spec)
@@ -213,7 +216,10 @@ class Engine(BucketedEngine):
         # checkpoint; without, the functions take the parameters alone (what export needs)
         self.inputs = jax.device_put(
             jax.jit(run.duet.prepare)(run.params) if prepare else {"params": run.params})
-        self._fns = {(k, f): self._build(k, f) for k in self.uploads for f in self.formats}
+        # the traceable functions (jax.export wraps them in its own jit) and their jits
+        self.functions = {(k, f): self._build(k, f) for k in self.uploads for f in self.formats}
+        self._fns = {key: generation_jit(fn, vector_width)
+                     for key, fn in self.functions.items()}
         self._lock = threading.Lock()
 
     def _build(self, kind: str, fmt: str):
@@ -226,7 +232,7 @@ class Engine(BucketedEngine):
                 heads = gen.apply(prepared["params"]["generator"], x, method=gen.decode)
             return delivery.encode(spec, materialize(heads), fmt)
 
-        return jax.jit(fn)
+        return fn
 
     def run(self, kind: str, fmt: str, x: np.ndarray) -> tuple[list, float]:
         """``x [n, ...]`` (n <= max_batch) -> (payload leaves, numpy ``[n, ...]``; seconds of

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duet_jax import finetune, timing
+from duet_jax import finetune, timing, xla_options
 from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
 from duet_jax.generator import ParameterGenerator
@@ -26,7 +26,7 @@ from duet_jax.models import ModelConfig, get_model
 from experiments.benchmark import scaling, torch_reference, vision_case
 
 CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling",
-               "torch_reference", "encoders", "prepared", "vision"}
+               "torch_reference", "encoders", "prepared", "vector_width", "vision"}
 # the opt-in encoders timed against the default "gru" (case group "encoders")
 OPTIONAL_ENCODERS = ("gru_bf16", "attention")
 
@@ -43,6 +43,15 @@ class Bench:
         self.peaks: dict = {}
         self._duets: dict = {}
         self._seq = None
+        # every case compiles with these (config.cpu_vector_width), ours and fine-tuning alike
+        self.compiler_options = xla_options.generation_options(config.cpu_vector_width)
+
+    def compile(self, fn: Callable, *args, vector_width: int | None = None) -> tuple[Any, float]:
+        """``fn`` compiled for ``args`` with the benchmark's XLA options (``vector_width``:
+        another CPU vector width for this one) and the seconds it took."""
+        options = (self.compiler_options if vector_width is None
+                   else xla_options.generation_options(vector_width))
+        return timing.compile_timed(fn, *args, compiler_options=options or None)
 
     def duet(self, model: str, low_rank: int = 0, encoder: str = "gru"):
         """``(Duet, params)`` with random init (accuracy is not measured here)."""
@@ -74,7 +83,7 @@ class Bench:
     def time(self, fn: Callable, args_per_call: list[tuple], compile_args: tuple) -> dict:
         """Compile ``fn``, then time passes that call it on every ``args_per_call`` entry
         (one call kept in flight while the next is dispatched; results discarded)."""
-        compiled, compile_s = timing.compile_timed(fn, *compile_args)
+        compiled, compile_s = self.compile(fn, *compile_args)
         return self._measure(
             _pipelined(compiled, args_per_call), compiled, compile_s,
             warmup=lambda: jax.block_until_ready(compiled(*args_per_call[0])),
@@ -195,7 +204,7 @@ class Bench:
         duet, params = self.duet(model)
         single = lambda p, s: jax.tree.map(lambda x: x[0], duet.generate(p, s[None]))
         seqs = [jax.device_put(s) for s in self.sequences(n)]
-        compiled, compile_s = timing.compile_timed(single, params, seqs[0])
+        compiled, compile_s = self.compile(single, params, seqs[0])
 
         def run():
             for s in seqs:
@@ -214,7 +223,7 @@ class Bench:
         their ratio, but hits both halves of a round alike."""
         duet, params = self.duet(model)
         batches = self.batches(n, self.config.batch_size)
-        compiled, _ = timing.compile_timed(duet.generate, params, batches[0])
+        compiled, _ = self.compile(duet.generate, params, batches[0])
         vmap_pass = _pipelined(compiled, [(params, b) for b in batches])
         vmap_pass()  # warm-up (the loop's function is warm already)
         loop_s, vmap_s = [], []
@@ -254,9 +263,10 @@ class Bench:
         return times
 
     def _generation_pass(self, model: str, batches: list, encoder: str = "gru",
-                         prepared: bool | None = None) -> Callable[[], None]:
+                         prepared: bool | None = None,
+                         vector_width: int | None = None) -> Callable[[], None]:
         _, fn, args = self.generator_fn(model, encoder=encoder, prepared=prepared)
-        compiled, _ = timing.compile_timed(fn, args, batches[0])
+        compiled, _ = self.compile(fn, args, batches[0], vector_width=vector_width)
         return _pipelined(compiled, [(args, b) for b in batches])
 
     def encoders(self, model: str, n: int, batch: int) -> list[dict]:
@@ -282,6 +292,19 @@ class Bench:
                            tables=sorted(k for k in tables if k != "params"),
                            table_bytes=int(sum(x.nbytes for k, v in tables.items()
                                                if k != "params" for x in jax.tree.leaves(v))))
+
+    def vector_width(self, model: str, n: int, batch: int) -> dict:
+        """Generation compiled with ``config.cpu_vector_width`` against XLA's default CPU
+        vector width (256 bits) on the same ``n`` devices, paired rounds (ratio: default
+        seconds / ours). On a non-CPU backend both passes compile alike (ratio ~1)."""
+        batches = self.batches(n, batch)
+        width = self.config.cpu_vector_width
+        times = self._paired_passes({
+            "default": self._generation_pass(model, batches, vector_width=0),
+            "ours": self._generation_pass(model, batches, vector_width=width)})
+        return _paired_row("vector_width", model, n, batch, times, "default", "ours",
+                           vector_width=width, backend=jax.default_backend(),
+                           path="prepared" if self.config.prepared else "plain")
 
     # ---------------------------------------------------------------- adaptation
 
@@ -321,7 +344,7 @@ class Bench:
             out.append(self.case("finetune_vmap", model, ft.devices, group, measured,
                                  steps=steps, group_size=group, rows_per_device=ft.num_samples,
                                  params=ft.params, padded_devices=groups * group))
-            compiled, compile_s = timing.compile_timed(fn, head, backbone, singles[0], lr)
+            compiled, compile_s = self.compile(fn, head, backbone, singles[0], lr)
 
             def run(compiled=compiled):
                 for b in singles:
@@ -435,6 +458,9 @@ def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
         if "prepared" in groups:
             out.append((f"{m} prepared vs plain", lambda m=m: [bench.prepared_vs_plain(
                 m, c.split_devices, c.batch_size)]))
+        if "vector_width" in groups:
+            out.append((f"{m} CPU vector width", lambda m=m: [
+                bench.vector_width(m, c.batch_sweep_devices, b) for b in c.batch_sizes]))
     if "torch_reference" in groups:  # the authors' PyTorch design, side by side
         out.append(("torch reference", lambda: torch_reference.case_rows(bench)))
     if "scaling" in groups:

@@ -131,4 +131,9 @@ def _summarise_model(cases: list[dict], config, model: str) -> dict:
     low = find_case(cases, "low_rank", model)
     if low and full:
         s["low_rank_vs_full_speedup"] = low["devices_per_s"] / full["devices_per_s"]
+    widths = [c for c in cases if c["case"] == "vector_width" and c["model"] == model]
+    if widths:  # paired: XLA's default seconds / ours, median and range per batch size
+        s["vector_width_speedup"] = {
+            str(c["batch_size"]): {k: c["speedup_vs_default"][k] for k in ("median", "min", "max")}
+            for c in widths} | {"vector_width": widths[0]["vector_width"]}
     return s

@@ -162,11 +162,13 @@ def load_ours_into(module, params: dict) -> None:
 
 
 def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
-            ours: dict[str, tuple[Callable, Any]], torch_module
+            ours: dict[str, tuple[Callable, Any]], torch_module,
+            compiler_options: dict | None = None
             ) -> tuple[Callable[[], None], dict[str, Callable[[], None]]]:
     """(torch pass, {name: our pass}) over the same ``n`` devices in batches of ``batch`` (the
     last padded with empty sequences), inputs placed before timing; ``ours`` maps a name to
-    ``(fn, args)``, the function of :func:`ours_fn` and its first argument."""
+    ``(fn, args)``, the function of :func:`ours_fn` and its first argument, compiled with
+    ``compiler_options`` (:func:`duet_jax.xla_options.generation_options`)."""
     import torch
 
     calls = -(-n // batch)
@@ -184,7 +186,8 @@ def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
                 torch_module(sb, ub)
 
     def our_pass(fn, args):
-        compiled = jax.jit(fn).lower(args, *jax_in[0]).compile()
+        compiled = jax.jit(fn, compiler_options=compiler_options or None).lower(
+            args, *jax_in[0]).compile()
 
         def run():
             previous = None
@@ -208,7 +211,7 @@ def _seconds(run: Callable[[], None]) -> float:
 
 def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, ...],
             rounds: int, sweep_repeats: int = 2, seed: int = 0, torch_threads: int = 0,
-            prepared: dict | None = None) -> dict:
+            prepared: dict | None = None, compiler_options: dict | None = None) -> dict:
     """Time the torch reference against ours on the ``len(seq)`` devices ``seq [N, L]``.
 
     ``torch_threads``: 0 = as many as XLA-CPU uses (the affinity mask: threads pinned
@@ -218,7 +221,7 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     ``Duet.generate`` without them is timed too, at the reference's batch, in the same
     rounds (``speedup_plain_same_batch``). Returns the sweep (seconds per pass at every
     batch size, best of ``sweep_repeats``, both sides warm), each side's best batch size
-    and the paired rounds at those."""
+    and the paired rounds at those. Ours compiles with ``compiler_options``."""
     import torch
 
     threads = cpu_threads()
@@ -228,7 +231,8 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     module = build_torch_generator(duet.model.config.num_items, dim, seed)
     ours = {"ours": (ours_fn(duet, prepared is not None),
                      params if prepared is None else prepared)}
-    passes = {b: _passes(n, b, seq, user, ours, module) for b in batch_sizes}
+    passes = {b: _passes(n, b, seq, user, ours, module, compiler_options)
+              for b in batch_sizes}
     sweep: dict[str, dict[int, float]] = {"torch": {}, "ours": {}}
     for b, (torch_pass, our_passes) in passes.items():
         torch_pass(), our_passes["ours"]()  # warm: allocations, thread pools, caches
@@ -241,7 +245,8 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     order = [("torch", passes[best_torch][0]), ("ours_same_batch", passes[best_torch][1]["ours"]),
              ("ours_best_batch", passes[best_ours][1]["ours"])]
     if prepared is not None:
-        _, plain = _passes(n, best_torch, seq, user, {"plain": (ours_fn(duet), params)}, module)
+        _, plain = _passes(n, best_torch, seq, user, {"plain": (ours_fn(duet), params)}, module,
+                           compiler_options)
         plain["plain"]()  # warm
         order.append(("ours_plain_same_batch", plain["plain"]))
     times: dict[str, list[float]] = {name: [] for name, _ in order}
@@ -258,6 +263,7 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
         "num_devices": n, "threads": threads, "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "rounds": rounds,
         "ours_path": "prepared" if prepared is not None else "plain",
+        "ours_compiler_options": dict(compiler_options or {}),
         "sweep_s": {side: {str(b): s for b, s in v.items()} for side, v in sweep.items()},
         "sweep_devices_per_s": {side: {str(b): n / s for b, s in v.items()}
                                 for side, v in sweep.items()},
@@ -285,7 +291,7 @@ def case_rows(bench: Any) -> list[dict]:
     n = c.torch_reference.devices
     result = compare(duet, params, bench.sequences(n), tuple(c.torch_reference.batch_sizes),
                      c.paired_rounds, seed=c.seed, torch_threads=c.torch_reference.threads,
-                     prepared=prepared)
+                     prepared=prepared, compiler_options=bench.compiler_options)
     return [{"case": "torch_reference", "model": MODEL, "num_devices": n,
              "devices_per_s": result["devices_per_s"]["ours_best_batch"],
              "per_call_devices": result["ours_best_batch"], **result}]

@@ -12,7 +12,7 @@ import inspect
 
 import ml_collections
 
-from duet_jax import timing
+from duet_jax import timing, xla_options
 from duet_jax.finetune import FinetuneConfig
 from duet_jax.models import ModelConfig
 from experiments.configs.common import base_config
@@ -37,11 +37,15 @@ def get_config() -> ml_collections.ConfigDict:
     # skipped, noted in the results, where torch is not installed); encoders (the opt-in
     # gru_bf16 and attention encoders against the GRU, paired rounds at split_devices, B)
     # prepared (generation from Duet.prepare's per-item tables against Duet.generate, paired)
+    # vector_width (cpu_vector_width against XLA's default 256-bit vectors, paired, each B)
     config.cases = ("generation,stages,low_rank,loop,adaptation,torch_reference,encoders,"
-                    "prepared,scaling")
+                    "prepared,vector_width,scaling")
     # generation, encoders, torch_reference: from Duet.prepare's per-item tables, made once per
     # parameter set as the cloud does (False: Duet.generate, all work per device)
     config.prepared = True
+    # LLVM's preferred vector width on CPU for every compiled case (0 = XLA's default, 256);
+    # the cloud's default, duet_jax.xla_options.CPU_VECTOR_WIDTH
+    config.cpu_vector_width = xla_options.CPU_VECTOR_WIDTH
     # device model sizes: a random item vocabulary; D and L as the main job's models
     config.num_items = 10_000
     config.seq_len = model.seq_len

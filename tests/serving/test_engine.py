@@ -65,12 +65,17 @@ def test_a_corrupt_checkpoint_is_refused(run_dir, tmp_path):
         load_run(bad)
 
 
-def test_serve_cli_refuses_in_one_line(tmp_path):
+@pytest.mark.parametrize("flag, named", [
+    ("", "--checkpoint="),  # not a run directory
+    ("--cpu_vector_width=300", "--cpu_vector_width=300"),  # not a width LLVM takes
+])
+def test_serve_cli_refuses_in_one_line(tmp_path, flag, named):
     out = subprocess.run([sys.executable, "-m", "experiments.serve",
-                          f"--checkpoint={tmp_path}"], capture_output=True, text=True,
+                          f"--checkpoint={tmp_path}", *([flag] if flag else [])],
+                         capture_output=True, text=True,
                          cwd=ROOT, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 2
-    assert "error: --checkpoint=" in out.stderr and "Traceback" not in out.stderr
+    assert f"error: {named}" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_buckets():
