@@ -158,6 +158,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def current_rss_bytes() -> int | None:
+    """Resident set size now (Linux ``VmRSS``); None where ``/proc`` has no such field."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size: since the last :func:`reset_peak_rss` (``VmHWM``), else since
     the process started (``getrusage``)."""

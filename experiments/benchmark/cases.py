@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from duet_jax import finetune, timing, xla_options
 from duet_jax.duet import Duet
@@ -26,7 +27,8 @@ from duet_jax.models import ModelConfig, get_model
 from experiments.benchmark import scaling, torch_reference, vision_case
 
 CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling",
-               "torch_reference", "encoders", "prepared", "vector_width", "vision"}
+               "torch_reference", "encoders", "prepared", "vector_width", "streamed",
+               "vision"}
 # the opt-in encoders timed against the default "gru" (case group "encoders")
 OPTIONAL_ENCODERS = ("gru_bf16", "attention")
 
@@ -172,6 +174,44 @@ class Bench:
                          path="prepared" if self.config.prepared else "plain",
                          heads="streamed: each batch's heads discarded once computed",
                          generated_values_per_device=duet.spec.num_values if not low_rank else None)
+
+    def streamed(self, model: str, n: int, batch: int) -> dict:
+        """``n`` heads generated in calls of ``batch`` devices whose trigger sequences are
+        drawn inside each call (``jax.random``, from the seed and the call's index) and whose
+        heads are dropped: nothing per device is kept on the host or the accelerator beyond
+        one call's arrays, so memory stays flat however large ``n`` is (the other cases
+        place every sequence before timing: ~260 bytes per device). One timed pass after one
+        warm-up call, with the process's peak RSS over it."""
+        c = self.config
+        _, fn, args = self.generator_fn(model)
+        calls = -(-n // batch)
+
+        def call(args, key, index):
+            key = jax.random.fold_in(key, index)
+            return fn(args, scaling.random_sequences_on_device(key, batch, c.seq_len,
+                                                               c.num_items))
+
+        compiled, compile_s = self.compile(call, args, self.key, np.int32(0))
+        jax.block_until_ready(compiled(args, self.key, np.int32(0)))  # warm
+        timing.reset_peak_rss()
+        rss_before = timing.current_rss_bytes()
+        started, previous = time.perf_counter(), None
+        for i in tqdm(range(calls), desc=f"{model} streamed N={n:,}", unit="call",
+                      disable=not c.progress or calls < 1000, leave=False):
+            out = compiled(args, self.key, np.int32(i))  # one call in flight, as _pipelined
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = out
+        jax.block_until_ready(previous)
+        seconds = time.perf_counter() - started
+        return {"case": "streamed", "model": model, "num_devices": n, "batch_size": batch,
+                "per_call_devices": batch, "calls": calls, "padded_devices": calls * batch,
+                "path": "prepared" if c.prepared else "plain",
+                "devices_per_s": calls * batch / seconds, "seconds": seconds,
+                "compile_s": compile_s, "rss_before_bytes": rss_before,
+                "peak_rss_bytes": timing.peak_rss_bytes(),
+                "device_memory": timing.device_memory(),
+                "heads": "dropped call by call; sequences drawn inside each call"}
 
     def stages(self, model: str, n: int, batch: int) -> list[dict]:
         """Encoder alone (ids -> z, including the backbone's sequence embedding) and decoder
@@ -458,6 +498,10 @@ def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
         if "prepared" in groups:
             out.append((f"{m} prepared vs plain", lambda m=m: [bench.prepared_vs_plain(
                 m, c.split_devices, c.batch_size)]))
+        if "streamed" in groups:
+            for n in c.streamed_devices:
+                out.append((f"{m} streamed N={n:,}", lambda m=m, n=n: [
+                    bench.streamed(m, n, c.streamed_batch_size)]))
         if "vector_width" in groups:
             out.append((f"{m} CPU vector width", lambda m=m: [
                 bench.vector_width(m, c.batch_sweep_devices, b) for b in c.batch_sizes]))

@@ -15,15 +15,16 @@ import matplotlib.pyplot as plt  # after choosing the Agg backend
 
 
 def plot(result: dict, path: str) -> None:
-    """Up to five panels, each drawn only when the run measured what it shows: devices/s vs
+    """Up to six panels, each drawn only when the run measured what it shows: devices/s vs
     N, vs batch size, the adaptation comparison, the generation variants (vmap vs loop,
-    low-rank, stages) and the PyTorch reference's batch sweep. ``result``: the
+    low-rank, stages), the PyTorch reference's batch sweep and the streamed runs' peak RSS
+    vs N. ``result``: the
     ``benchmark.json`` payload (``cases``, ``config``, ``environment``, ``load_average``)."""
     cases, config = result["cases"], result["config"]
     models = model_names(config["models"])
     panels = [p for p in (_n_sweep(cases, config, models), _b_sweep(cases, config, models),
                           _adaptation(cases, config, models), _variants(cases, config, models),
-                          _torch_reference(cases)) if p is not None]
+                          _torch_reference(cases), _streamed(cases, models)) if p is not None]
     if not panels:  # nothing this plot can show: say so rather than draw empty axes
         panels = [lambda ax: (ax.axis("off"), ax.text(
             0.5, 0.5, "no case of this run has a panel", ha="center", va="center"))]
@@ -133,6 +134,27 @@ def _torch_reference(cases) -> Panel:
                      f"{row['speedup_same_batch']['median']:.2f}x at torch's best B "
                      "(paired rounds)")
         ax.legend()
+
+    return draw
+
+
+def _streamed(cases, models) -> Panel:
+    series = {m: sorted((c["num_devices"], c["peak_rss_bytes"] / 2**30, c["devices_per_s"])
+                        for c in cases if c["case"] == "streamed" and c["model"] == m)
+              for m in models}
+    series = {m: pts for m, pts in series.items() if pts}
+    if not series:
+        return None
+
+    def draw(ax):
+        for m, pts in series.items():
+            n, rss, rate = zip(*pts, strict=True)
+            ax.plot(n, rss, "o-", label=f"{m} ({min(rate) / 1e3:.0f}-{max(rate) / 1e3:.0f}k "
+                                        "devices/s)")
+        ax.set(xscale="log", xlabel="devices N (one run each)", ylabel="peak RSS (GiB)",
+               title="streamed generation: memory against fleet size")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
 
     return draw
 

@@ -40,6 +40,16 @@ def random_sequences(rng: np.random.Generator, n: int, seq_len: int,
     return seq
 
 
+def random_sequences_on_device(key: jax.Array, n: int, seq_len: int,
+                                num_items: int) -> jax.Array:
+    """:func:`random_sequences`' distribution drawn with ``jax.random`` inside a jitted call:
+    ``[n, seq_len]`` int32 ids, right-padded with 0, lengths uniform in 1..seq_len."""
+    k_len, k_ids = jax.random.split(key)
+    lengths = jax.random.randint(k_len, (n, 1), 1, seq_len + 1)
+    ids = jax.random.randint(k_ids, (n, seq_len), 1, num_items + 1, dtype=jnp.int32)
+    return jnp.where(jnp.arange(seq_len)[None, :] < lengths, ids, 0)
+
+
 def measure(model: str, num_items: int, seq_len: int, embed_dim: int, devices: int,
             per_accelerator_batch: int, repeats: int, num_accelerators: int | None = None,
             seed: int = 0) -> dict:

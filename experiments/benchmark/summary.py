@@ -131,6 +131,11 @@ def _summarise_model(cases: list[dict], config, model: str) -> dict:
     low = find_case(cases, "low_rank", model)
     if low and full:
         s["low_rank_vs_full_speedup"] = low["devices_per_s"] / full["devices_per_s"]
+    streamed = [c for c in cases if c["case"] == "streamed" and c["model"] == model]
+    if streamed:  # memory against N: flat when nothing per device is kept
+        s["streamed"] = {str(c["num_devices"]): {
+            "devices_per_s": c["devices_per_s"], "peak_rss_bytes": c["peak_rss_bytes"]}
+            for c in streamed}
     widths = [c for c in cases if c["case"] == "vector_width" and c["model"] == model]
     if widths:  # paired: XLA's default seconds / ours, median and range per batch size
         s["vector_width_speedup"] = {

@@ -38,8 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     # gru_bf16 and attention encoders against the GRU, paired rounds at split_devices, B)
     # prepared (generation from Duet.prepare's per-item tables against Duet.generate, paired)
     # vector_width (cpu_vector_width against XLA's default 256-bit vectors, paired, each B)
+    # streamed (streamed_devices heads, sequences drawn in each call: peak RSS against N)
     config.cases = ("generation,stages,low_rank,loop,adaptation,torch_reference,encoders,"
-                    "prepared,vector_width,scaling")
+                    "prepared,vector_width,streamed,scaling")
     # generation, encoders, torch_reference: from Duet.prepare's per-item tables, made once per
     # parameter set as the cloud does (False: Duet.generate, all work per device)
     config.prepared = True
@@ -65,6 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
     # batch_sweep_devices = 2^16 so that no batch size pads
     config.batch_sizes = (64, 256, 1024, 4096)
     config.batch_sweep_devices = 65_536
+    # streamed: sequences drawn inside each call, heads dropped, one pass: memory flat in N
+    # (1e8 takes ~7 minutes on 2 cores at 250k devices/s; add it with
+    # --config.streamed_devices="(100000,1000000,10000000,100000000)")
+    config.streamed_devices = (100_000, 1_000_000, 10_000_000)
+    config.streamed_batch_size = 1024
     config.split_devices = 65_536  # encoder / decoder split and full vs low-rank, at B
     # k of the low-rank decoders, as the duet_low_rank ablation (0 = skip that case)
     config.low_rank = base_config().ablation.low_rank
@@ -128,4 +134,6 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.scaling.devices = 4_096
     config.scaling.per_accelerator_batch = 512
     config.scaling.fake_devices = (2,)
+    config.streamed_devices = (4_096,)
+    config.streamed_batch_size = 1024
     return config

@@ -46,12 +46,14 @@ TINY = [
     "--config.scaling.fake_devices=(2,)",
     "--config.torch_reference.devices=32",
     "--config.torch_reference.batch_sizes=(8,16)",
+    "--config.streamed_devices=(40,)",
+    "--config.streamed_batch_size=16",
     "--config.progress=False",
 ]
 GLIBC = cli.is_glibc()
 KINDS = {"generation", "encoder", "decoder", "low_rank", "loop", "duet_adapt",
          "finetune_vmap", "finetune_loop", "scaling", "torch_reference", "encoder_option",
-         "prepared"}
+         "prepared", "vector_width", "streamed"}
 try:  # the torch reference case is benchmark-only: skipped (noted) without torch
     import torch  # noqa: F401
     TORCH = True
@@ -108,10 +110,22 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     r = prepared["speedup_vs_plain"]
     assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
     assert all(c["path"] == "prepared" for c in cases if c["case"] == "generation")
+    # every compiled case uses the config's vector width; the paired case against XLA's default
+    assert result["config"]["cpu_vector_width"] == 512
+    widths = [c for c in cases if c["case"] == "vector_width"]
+    assert [c["batch_size"] for c in widths] == [8, 16]
+    for c in widths:
+        r = c["speedup_vs_default"]
+        assert c["vector_width"] == 512 and c["backend"] == "cpu"
+        assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
+    # streamed: 40 devices in 3 calls of 16 drawn in-call, one pass, its peak RSS
+    streamed = next(c for c in cases if c["case"] == "streamed")
+    assert (streamed["num_devices"], streamed["calls"], streamed["padded_devices"]) == (40, 3, 48)
+    assert _positive_finite(streamed["peak_rss_bytes"]) and _positive_finite(streamed["seconds"])
     for c in cases:
         if c["case"] == "torch_reference":
             continue
-        if c["case"] in ("encoder_option", "prepared"):
+        if c["case"] in ("encoder_option", "prepared", "vector_width", "streamed"):
             assert _positive_finite(c["devices_per_s"])
             continue
         assert _positive_finite(c["devices_per_s"]), c
@@ -145,6 +159,8 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert set(s["adaptation"]["finetune_over_duet"]) == {"finetune_vmap_head_k2",
                                                           "finetune_loop_head_k2"}
     assert set(s["split_ms_per_device"]) == {"encoder", "decoder", "full"}
+    assert set(s["vector_width_speedup"]) == {"8", "16", "vector_width"}
+    assert set(s["streamed"]) == {"40"}
     assert set(result["summary"]["acceptance"]) >= {"vmap_vs_loop_at_least_10x",
                                                     "sequential_finetune_at_least_100x_duet"}
 
@@ -173,3 +189,28 @@ def test_committed_results_rebuild_their_summary_and_plot(path, tmp_path):
     assert _contains(rebuilt, result["summary"])  # the same arithmetic on the same rows
     plot(result, str(tmp_path / "benchmark.png"))
     assert (tmp_path / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sequences_drawn_on_device_follow_the_host_pool_distribution():
+    """The streamed case's in-call sequences: right-padded ids in 1..items, lengths 1..L,
+    as the host pool's (``random_sequences``), and a new draw for every call index."""
+    import jax
+    import numpy as np
+
+    from experiments.benchmark.scaling import random_sequences_on_device
+
+    n, length, items = 4000, 6, 50
+    key = jax.random.key(0)
+    seq = np.asarray(random_sequences_on_device(jax.random.fold_in(key, 0), n, length, items))
+    assert seq.shape == (n, length) and seq.dtype == np.int32
+    valid = seq != 0
+    lengths = valid.sum(1)
+    # right-padded: every valid position comes before every padded one
+    np.testing.assert_array_equal(valid, np.arange(length)[None, :] < lengths[:, None])
+    assert set(np.unique(lengths)) == set(range(1, length + 1))
+    assert seq[valid].min() >= 1 and seq[valid].max() <= items
+    assert len(np.unique(seq[valid])) == items  # 12,000+ draws cover all 50 ids
+    # lengths uniform: each of 6 values ~ 667 times; binomial sd ~ 24, so 5 sd = 120
+    assert np.all(np.abs(np.bincount(lengths, minlength=length + 1)[1:] - n / length) < 120)
+    other = np.asarray(random_sequences_on_device(jax.random.fold_in(key, 1), n, length, items))
+    assert not np.array_equal(seq, other)
