@@ -106,6 +106,28 @@ def save_record(path: str, identity: dict, payload: Any, key: str = "result",
                                                **extra}))
 
 
+def cached_array(path: str, identity: dict, compute: Any) -> np.ndarray:
+    """The array stored at ``path`` (``.npy``) if it was made for ``identity`` and is intact;
+    else ``compute()``, stored there before it is returned. A record beside it
+    (``path + ".json"``, written last) holds the identity and the array's digest, so a file
+    from other inputs, a damaged one or one whose record is missing is recomputed, never
+    reused. Long jobs keep their finished parts this way (fine-tuning: one learning rate's
+    validation logits), so an interrupted job resumes after the last finished part."""
+    record = load_record(path + ".json", identity)
+    if record is not None and os.path.isfile(path):
+        try:
+            array = np.load(path)
+        except (OSError, ValueError):  # damaged: recompute
+            array = None
+        if array is not None and arrays_digest(array) == record.get("sha256"):
+            return array
+    array = np.asarray(compute())
+    with files.atomic_file(path, "wb") as f:
+        np.save(f, array)
+    save_record(path + ".json", identity, {"sha256": arrays_digest(array)})
+    return array
+
+
 def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted.path, old, new)`` for each leaf where two JSON-like dicts differ; a key
     present on one side only counts as a difference with ``None`` on the other."""

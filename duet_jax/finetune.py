@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,7 +51,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from duet_jax import metrics
+from duet_jax import cache, metrics
 from duet_jax.data.batching import bucket_size
 from duet_jax.data.samples import SampleSet, Splits
 from duet_jax.errors import ConfigError
@@ -379,11 +380,16 @@ def time_adaptation(model: DeviceModel, params: dict, stage: Stage, config: Fine
 
 def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
                           config: FinetuneConfig,
-                          eval_batch_size: int = EVAL_BATCH_SIZE) -> FinetuneResult:
+                          eval_batch_size: int = EVAL_BATCH_SIZE,
+                          store: tuple[str, dict] | None = None) -> FinetuneResult:
     """Select ``(learning_rate, steps)`` on validation, then report device-test.
 
     ``eval_batch_size``: Base's evaluation batch size (``TrainConfig.eval_batch_size``), so
-    that 0 steps scores exactly Base's predictions."""
+    that 0 steps scores exactly Base's predictions. ``store``: ``(directory, identity)``
+    where each learning rate's validation logits are kept as they finish
+    (:func:`duet_jax.cache.cached_array`; ``identity`` must name everything they depend on:
+    Base's parameters, the data, this config), so an interrupted run resumes after the last
+    finished learning rate (all-parameter fine-tuning of a large dataset takes hours)."""
     if config.selection == "val_split":
         tune_part, selection_rows = split_in_time(data.val, data.num_users)
         val_stage = make_stage([data.train, tune_part], selection_rows, data.num_users,
@@ -394,8 +400,19 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
     schedule = tuple(sorted(config.steps))
     grid, best = [], None
     for lr in config.learning_rates:
-        logits = run_stage(model, base_params, val_stage, config, lr, schedule,
-                           f"finetune val lr={lr:g}", eval_batch_size)
+        def validation_logits(lr=lr):
+            return run_stage(model, base_params, val_stage, config, lr, schedule,
+                             f"finetune val lr={lr:g}", eval_batch_size)
+
+        if store is None:
+            logits = validation_logits()
+        else:
+            directory, identity = store
+            os.makedirs(directory, exist_ok=True)
+            logits = cache.cached_array(
+                os.path.join(directory, f"val_logits_lr{lr:g}.npy"),
+                {**identity, "learning_rate": lr, "schedule": list(schedule),
+                 "selection": config.selection}, validation_logits)
         for steps, row in zip(schedule, logits, strict=True):
             val = metrics.evaluate(selection_rows.user, selection_rows.label, row)
             grid.append({"learning_rate": lr, "steps": steps, "val": val})

@@ -127,8 +127,10 @@ def run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) -
         test_logits = np.load(logits_path)
         if cache.arrays_digest(test_logits) == stored["test_logits_sha256"]:
             return {**stored, "test_logits": test_logits}
+    # each learning rate's validation logits are kept beside, so an interrupted run resumes
     result = finetune.finetune_and_evaluate(model, base_params, data, ft_config,
-                                            eval_batch_size=config.train.eval_batch_size)
+                                            eval_batch_size=config.train.eval_batch_size,
+                                            store=(run_dir, identity))
     out = dataclasses.asdict(result)
     test_logits = np.asarray(out.pop("test_logits"), np.float32)
     out["test_logits_sha256"] = cache.arrays_digest(test_logits)

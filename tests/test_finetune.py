@@ -227,3 +227,35 @@ def test_bad_finetune_config_names_the_field(field, value):
     config.finetune[field] = value
     with pytest.raises(ConfigError, match=rf"config\.finetune\.{field}"):
         config_lib.validate(config)
+
+
+def test_an_interrupted_selection_resumes_after_its_last_finished_learning_rate(
+        setup, tmp_path, monkeypatch):
+    data, models, params = setup
+    model = models["sasrec"]
+    config = _config(steps=(0, 1, 3), learning_rates=(1e-3, 1e-2))
+    identity = {"base": "digest", "data": "fingerprint"}
+    store = (str(tmp_path), identity)
+    want = finetune.finetune_and_evaluate(model, params["sasrec"], data, config,
+                                          eval_batch_size=EVAL_BATCH, store=store)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "val_logits_lr0.001.npy", "val_logits_lr0.001.npy.json",
+        "val_logits_lr0.01.npy", "val_logits_lr0.01.npy.json"]
+    # the run "stopped" after the first learning rate: only the second's part is redone
+    (tmp_path / "val_logits_lr0.01.npy.json").unlink()
+    stages = []
+    real = finetune.run_stage
+    monkeypatch.setattr(finetune, "run_stage",
+                        lambda *a, **k: stages.append(a[6]) or real(*a, **k))
+    got = finetune.finetune_and_evaluate(model, params["sasrec"], data, config,
+                                         eval_batch_size=EVAL_BATCH, store=store)
+    assert stages == ["finetune val lr=0.01", "finetune test"]
+    # the same numbers: stored logits are the ones computed (bitwise, same process)
+    assert got.grid == want.grid and got.test == want.test
+    assert (got.learning_rate, got.steps) == (want.learning_rate, want.steps)
+    # other inputs (another identity): nothing stored is reused
+    stages.clear()
+    finetune.finetune_and_evaluate(model, params["sasrec"], data, config,
+                                   eval_batch_size=EVAL_BATCH,
+                                   store=(str(tmp_path), {**identity, "base": "other"}))
+    assert stages == ["finetune val lr=0.001", "finetune val lr=0.01", "finetune test"]
