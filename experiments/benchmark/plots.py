@@ -122,18 +122,20 @@ def _torch_reference(cases) -> Panel:
     if not rows:
         return None
     row = rows[0]
-    sweep = row["sweep_devices_per_s"]
 
     def draw(ax):
-        for side, label in (("ours", "ours (duet_jax)"), ("torch", "authors' design (torch)")):
-            pts = sorted((int(b), v) for b, v in sweep[side].items())
-            ax.plot(*zip(*pts, strict=True), "o-", label=label)
+        for r, color in zip(rows, ("C0", "C2", "C4", "C6"), strict=False):
+            for side, label, style in (("ours", "ours (duet_jax)", "o-"),
+                                       ("torch", "authors' design (torch)", "s--")):
+                pts = sorted((int(b), v) for b, v in r["sweep_devices_per_s"][side].items())
+                ax.plot(*zip(*pts, strict=True), style, color=color,
+                        label=f"{r['model']}: {label}")
+        ratios = ", ".join(f"{r['model']} {r['speedup_same_batch']['median']:.2f}x"
+                           for r in rows)
         ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="devices / s",
-               title=f"{row['model']} head vs the PyTorch reference (torch threads "
-                     f"{row['torch_threads']} of {row['threads']})\nours "
-                     f"{row['speedup_same_batch']['median']:.2f}x at torch's best B "
-                     "(paired rounds)")
-        ax.legend()
+               title=f"heads vs the PyTorch reference (torch threads {row['torch_threads']} "
+                     f"of {row['threads']})\nours at torch's best B (paired): {ratios}")
+        ax.legend(fontsize=7)
 
     return draw
 

@@ -1,11 +1,12 @@
 """The authors' generator design in PyTorch, timed side by side with ours (case
 ``torch_reference``).
 
-What both sides compute, for a batch of B devices and the SASRec head (D = 32, L = 30):
+What both sides compute, for a batch of B devices and a model's head (D = 32, L = 30):
 item ids ``[B, L]`` -> embedding -> ``Dense(D, tanh)`` -> GRU (state at the last valid step)
--> ``Dense(D, tanh) -> Dense(D)`` = ``z [B, D]`` -> a 2-layer head written from ``z``
-(per layer ``W = z @ w1 + b1`` reshaped ``[B, in, out]``, ``b = z @ w2 + b2``) and applied to
-one user vector per device: ``Dense(D, tanh) -> Dense(D)`` -> ``[B, D]``.
+-> ``Dense(D, tanh) -> Dense(D)`` = ``z [B, D]`` -> the head's dense layers written from
+``z`` (per layer ``W = z @ w1 + b1`` reshaped ``[B, in, out]``, ``b = z @ w2 + b2``) and
+applied to one input vector per device, ``tanh`` after every layer but the last: SASRec's
+head ``32 -> 32 -> 32`` (2,112 values), DIN's ``64 -> 128 -> 64 -> 1`` (16,641 values).
 
 :class:`TorchGenerator` follows the design of the authors' public ``HyperNetwork_FC``
 (``torch.nn.GRU`` over the whole padded sequence, a gather at the last valid position, a
@@ -44,7 +45,7 @@ from duet_jax import duet as duet_lib
 from duet_jax.duet import Duet
 from duet_jax.models import layers
 
-MODEL = "sasrec"  # the head both sides write: SASRec's Dense(D, tanh) -> Dense(D)
+MODEL = "sasrec"  # the head of the summary's headline comparison (and the 3x target)
 
 
 def torch_available() -> bool:
@@ -63,12 +64,31 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def build_torch_generator(num_items: int, dim: int, seed: int = 0):
-    """A :class:`TorchGenerator` (defined inside, so importing this module needs no torch)."""
+def head_units(duet: Duet) -> tuple[int, ...]:
+    """The widths of ``duet``'s head, ``(in, out_1, ..., out_K)``, for a head of dense layers
+    ``dense1 .. denseK`` (SASRec ``(32, 32, 32)``, DIN ``(64, 128, 64, 1)``); ValueError for
+    another structure."""
+    template = duet.model.head_template()
+    names = [f"dense{i + 1}" for i in range(len(template))]
+    if sorted(template) != sorted(names) or any(
+            sorted(template[n]) != ["bias", "kernel"] for n in names):
+        raise ValueError(f"the torch reference writes heads of dense layers dense1..denseK; "
+                         f"model {duet.model.name!r} has head {sorted(template)}")
+    return (template["dense1"]["kernel"].shape[0],
+            *(template[n]["kernel"].shape[1] for n in names))
+
+
+def build_torch_generator(num_items: int, dim: int, seed: int = 0,
+                          units: tuple[int, ...] | None = None):
+    """A :class:`TorchGenerator` (defined inside, so importing this module needs no torch)
+    writing a head of widths ``units`` (:func:`head_units`; default ``(dim, dim, dim)``)."""
     import torch
 
+    units = tuple(units or (dim, dim, dim))
+
     class TorchGenerator(torch.nn.Module):
-        """ids ``[B, L]`` (int64), user ``[B, D]`` -> the generated head's output ``[B, D]``.
+        """ids ``[B, L]`` (int64), input ``[B, units[0]]`` -> the generated head's output
+        ``[B, units[-1]]``.
 
         Layout as the authors': ``torch.nn.GRU(batch_first=True)``, decoders ``w1 [Z, in*out]``,
         ``b1 [in*out]``, ``w2 [Z, out]``, ``b2 [out]`` per head layer, init ``fmod(N(0,1), 2)``.
@@ -81,13 +101,13 @@ def build_torch_generator(num_items: int, dim: int, seed: int = 0):
             self.gru = torch.nn.GRU(dim, dim, batch_first=True)
             self.mlp1 = torch.nn.Linear(dim, dim)
             self.mlp2 = torch.nn.Linear(dim, dim)
-            units = (dim, dim, dim)
             fmod = lambda *shape: torch.nn.Parameter(torch.fmod(torch.randn(*shape), 2))
+            layers = range(len(units) - 1)
             self.w1 = torch.nn.ParameterList(
-                [fmod(dim, units[i] * units[i + 1]) for i in range(2)])
-            self.b1 = torch.nn.ParameterList([fmod(units[i] * units[i + 1]) for i in range(2)])
-            self.w2 = torch.nn.ParameterList([fmod(dim, units[i + 1]) for i in range(2)])
-            self.b2 = torch.nn.ParameterList([fmod(units[i + 1]) for i in range(2)])
+                [fmod(dim, units[i] * units[i + 1]) for i in layers])
+            self.b1 = torch.nn.ParameterList([fmod(units[i] * units[i + 1]) for i in layers])
+            self.w2 = torch.nn.ParameterList([fmod(dim, units[i + 1]) for i in layers])
+            self.b2 = torch.nn.ParameterList([fmod(units[i + 1]) for i in layers])
             self.units = units
 
         def forward(self, seq, user):
@@ -98,12 +118,13 @@ def build_torch_generator(num_items: int, dim: int, seed: int = 0):
             last = states[torch.arange(batch), lengths]
             z = self.mlp2(torch.tanh(self.mlp1(last)))
             x = user
-            for i in range(2):
+            last = len(self.units) - 2
+            for i in range(last + 1):
                 weight = (z @ self.w1[i] + self.b1[i]).view(batch, self.units[i],
                                                             self.units[i + 1])
                 bias = z @ self.w2[i] + self.b2[i]
                 x = torch.bmm(x.unsqueeze(1), weight).squeeze(1) + bias
-                if i == 0:
+                if i < last:
                     x = torch.tanh(x)
             return x
 
@@ -112,15 +133,18 @@ def build_torch_generator(num_items: int, dim: int, seed: int = 0):
 
 
 def ours_fn(duet: Duet, prepared: bool = False) -> Callable:
-    """``(params, seq [B, L], user [B, D]) -> [B, D]``: generate heads, apply each to its
-    device's user vector (the SASRec head's MLP). ``prepared``: ``params`` is
-    :meth:`Duet.prepare`'s output, generation reads its tables, and a batch above
-    ``ENCODE_CHUNK`` runs chunk by chunk (what a cloud serving many devices does)."""
+    """``(params, seq [B, L], user [B, units[0]]) -> [B, units[-1]]``: generate heads, apply
+    each to its device's input vector (the head's MLP, ``tanh`` after all but the last).
+    ``prepared``: ``params`` is :meth:`Duet.prepare`'s output, generation reads its tables,
+    and a batch above ``ENCODE_CHUNK`` runs chunk by chunk (what a cloud serving many
+    devices does)."""
     generate = duet.generate_prepared if prepared else duet.generate
+    depth = len(head_units(duet)) - 1
+    activations = (jnp.tanh,) * (depth - 1) + (None,)
 
     def apply(params, seq, user):
         heads = generate(params, seq)
-        return layers.mlp(heads, user, (jnp.tanh, None))
+        return layers.mlp(heads, user, activations)
 
     if not prepared:
         return apply
@@ -135,8 +159,9 @@ def ours_fn(duet: Duet, prepared: bool = False) -> Callable:
 
 
 def load_ours_into(module, params: dict) -> None:
-    """Copy our SASRec DUET parameters into ``module`` (same function, PyTorch layout). Our
-    position embedding has no counterpart: zero it in ``params`` to compare outputs."""
+    """Copy our DUET parameters (a model whose sequence features are ``tanh(Dense(E[seq]))``,
+    as GRU4Rec's and DIN's; SASRec adds a position embedding, which has no counterpart: zero
+    it in ``params`` to compare outputs) into ``module`` (same function, PyTorch layout)."""
     import torch
 
     bb, gen = params["backbone"], params["generator"]["params"]
@@ -153,7 +178,7 @@ def load_ours_into(module, params: dict) -> None:
         for name, lin in (("dense1", module.mlp1), ("dense2", module.mlp2)):
             lin.weight.copy_(t(enc[name]["kernel"]).T)
             lin.bias.copy_(t(enc[name]["bias"]))
-        for i, layer in enumerate(("dense1", "dense2")):
+        for i, layer in enumerate(f"dense{k + 1}" for k in range(len(module.units) - 1)):
             kernel, bias = gen[f"decoder_{layer}__kernel"], gen[f"decoder_{layer}__bias"]
             module.w1[i].copy_(t(kernel["kernel"]))  # [Z, in*out], row-major as ours
             module.b1[i].copy_(t(kernel["bias"]))
@@ -226,9 +251,9 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
 
     threads = cpu_threads()
     torch.set_num_threads(torch_threads or threads)
-    n, dim = len(seq), duet.model.config.embed_dim
-    user = np.random.default_rng(seed + 1).normal(size=(n, dim)).astype(np.float32)
-    module = build_torch_generator(duet.model.config.num_items, dim, seed)
+    n, dim, units = len(seq), duet.model.config.embed_dim, head_units(duet)
+    user = np.random.default_rng(seed + 1).normal(size=(n, units[0])).astype(np.float32)
+    module = build_torch_generator(duet.model.config.num_items, dim, seed, units)
     ours = {"ours": (ours_fn(duet, prepared is not None),
                      params if prepared is None else prepared)}
     passes = {b: _passes(n, b, seq, user, ours, module, compiler_options)
@@ -283,18 +308,27 @@ def case_rows(bench: Any) -> list[dict]:
     """The benchmark rows of this case (``bench``: :class:`experiments.benchmark.cases.Bench`);
     one row noting the skip where torch is not installed."""
     c = bench.config
+    # the heads of torch_reference.models that this run benchmarks (config.models)
+    run = {m.strip() for m in c.models.split(",")}
+    models = [m for m in (m.strip() for m in c.torch_reference.models.split(",")) if m in run]
     if not torch_available():
-        return [{"case": "torch_reference", "model": MODEL, "skipped": True,
-                 "note": "torch is not installed (pip install torch): case skipped"}]
-    duet, params = bench.duet(MODEL)
-    prepared = bench.prepared(MODEL)[1] if c.prepared else None
-    n = c.torch_reference.devices
-    result = compare(duet, params, bench.sequences(n), tuple(c.torch_reference.batch_sizes),
-                     c.paired_rounds, seed=c.seed, torch_threads=c.torch_reference.threads,
-                     prepared=prepared, compiler_options=bench.compiler_options)
-    return [{"case": "torch_reference", "model": MODEL, "num_devices": n,
-             "devices_per_s": result["devices_per_s"]["ours_best_batch"],
-             "per_call_devices": result["ours_best_batch"], **result}]
+        return [{"case": "torch_reference", "model": m, "skipped": True,
+                 "note": "torch is not installed (pip install torch): case skipped"}
+                for m in models]
+    rows = []
+    for model in models:
+        duet, params = bench.duet(model)
+        prepared = bench.prepared(model)[1] if c.prepared else None
+        n = c.torch_reference.devices
+        result = compare(duet, params, bench.sequences(n),
+                         tuple(c.torch_reference.batch_sizes), c.paired_rounds, seed=c.seed,
+                         torch_threads=c.torch_reference.threads, prepared=prepared,
+                         compiler_options=bench.compiler_options)
+        rows.append({"case": "torch_reference", "model": model, "num_devices": n,
+                     "head_units": list(head_units(duet)),
+                     "devices_per_s": result["devices_per_s"]["ours_best_batch"],
+                     "per_call_devices": result["ours_best_batch"], **result})
+    return rows
 
 
 def _selfcheck() -> None:  # pragma: no cover - a manual smoke run

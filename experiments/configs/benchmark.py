@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.torch_reference.batch_sizes = (256, 1024, 4096)  # 1024, 4096: the authors' batches
     # torch threads: 0 = as many as XLA-CPU uses (pinned equal); other values are probes
     config.torch_reference.threads = 0
+    # heads compared (comma-separated; those also in config.models): SASRec's is the
+    # headline (the 3x target); DIN's 16,641-value head with the same method
+    config.torch_reference.models = "sasrec,din"
 
     # XLA cost analysis and the machine's peaks
     config.peak_matmul_size = _default(timing.peak_matmul, "size")

@@ -214,3 +214,24 @@ def test_sequences_drawn_on_device_follow_the_host_pool_distribution():
     assert np.all(np.abs(np.bincount(lengths, minlength=length + 1)[1:] - n / length) < 120)
     other = np.asarray(random_sequences_on_device(jax.random.fold_in(key, 1), n, length, items))
     assert not np.array_equal(seq, other)
+
+
+def test_summary_reports_every_torch_head_and_keeps_sasrec_as_the_headline():
+    def row(model, median):
+        ratio = {"median": median, "min": median - 0.1, "max": median + 0.1}
+        return {"case": "torch_reference", "model": model, "num_devices": 64, "threads": 2,
+                "torch_threads": 2, "torch_best_batch": 8, "ours_best_batch": 16,
+                "devices_per_s": {"torch": 1.0}, "rounds": 2, "speedup_same_batch": ratio,
+                "speedup_best_batch": ratio}
+
+    from experiments.configs import benchmark as benchmark_config
+
+    config = benchmark_config.get_config()
+    config.models = "din,sasrec"
+    out = summarise([row("din", 1.5), row("sasrec", 3.2)], config)
+    assert out["torch_reference"]["model"] == "sasrec"
+    assert out["torch_reference"]["speedup_at_torch_best_batch"] == 3.2
+    assert out["acceptance"]["over_torch_reference_at_least_3x"] is True
+    by_model = out["torch_reference_by_model"]
+    assert {m: r["speedup_at_torch_best_batch"] for m, r in by_model.items()} == {
+        "din": 1.5, "sasrec": 3.2}

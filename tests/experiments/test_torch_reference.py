@@ -13,13 +13,14 @@ from experiments.benchmark import torch_reference
 torch = pytest.importorskip("torch")
 
 
-def _setup(n: int = 12):
-    config = ModelConfig(num_items=50, seq_len=7, embed_dim=8)
-    duet = Duet.create(get_model("sasrec", config))
+def _setup(n: int = 12, model: str = "sasrec"):
+    config = ModelConfig(num_items=50, seq_len=7, embed_dim=8, din_hidden=(12, 6))
+    duet = Duet.create(get_model(model, config))
     params = duet.init(jax.random.key(3))
-    # the reference has no position embedding: zero ours so both compute one function
-    params["backbone"]["position_embedding"] = np.zeros_like(
-        params["backbone"]["position_embedding"])
+    if model == "sasrec":
+        # the reference has no position embedding: zero ours so both compute one function
+        params["backbone"]["position_embedding"] = np.zeros_like(
+            params["backbone"]["position_embedding"])
     rng = np.random.default_rng(0)
     # glorot decoders with zero biases write small heads at init: perturb every generator
     # parameter so that outputs are O(1) and a wiring error shows
@@ -28,22 +29,33 @@ def _setup(n: int = 12):
     lengths = rng.integers(1, config.seq_len + 1, n)
     seq = rng.integers(1, config.num_items + 1, (n, config.seq_len)).astype(np.int32)
     seq[np.arange(config.seq_len)[None] >= lengths[:, None]] = 0
-    user = rng.normal(size=(n, config.embed_dim)).astype(np.float32)
+    units = torch_reference.head_units(duet)
+    user = rng.normal(size=(n, units[0])).astype(np.float32)
     return duet, params, seq, user
 
 
-def test_torch_reference_equals_ours_with_copied_parameters(monkeypatch):
-    duet, params, seq, user = _setup()
-    module = torch_reference.build_torch_generator(50, 8)
+def test_head_units():
+    config = ModelConfig(num_items=50, seq_len=7, embed_dim=8, din_hidden=(12, 6))
+    units = lambda m: torch_reference.head_units(Duet.create(get_model(m, config)))
+    assert units("sasrec") == units("gru4rec") == (8, 8, 8)
+    assert units("din") == (16, 12, 6, 1)  # [target; interest] -> hidden -> 1 logit
+
+
+@pytest.mark.parametrize("model", ["sasrec", "din"])
+def test_torch_reference_equals_ours_with_copied_parameters(monkeypatch, model):
+    duet, params, seq, user = _setup(model=model)
+    units = torch_reference.head_units(duet)
+    module = torch_reference.build_torch_generator(50, 8, units=units)
     torch_reference.load_ours_into(module, params)
     with torch.inference_mode():
         want = module(torch.from_numpy(seq.astype(np.int64)), torch.from_numpy(user)).numpy()
     got = np.asarray(jax.jit(torch_reference.ours_fn(duet))(params, seq, user))
-    # float32 throughout, different summation orders: a GRU of 7 steps and 4 dense layers of
-    # width 8, activations O(1) (tanh-bounded, xavier weights): each product carries
-    # ~8 * 2^-24 relative error and 7 + 4 such layers compound to ~1e-5 relative; 1e-4
-    # absolute on O(1) outputs leaves room, while any wiring error (gate order, transposed
-    # kernel, wrong gather) moves outputs by O(0.1).
+    assert got.shape == want.shape == (len(seq), units[-1])
+    # float32 throughout, different summation orders: a GRU of 7 steps and up to 5 dense
+    # layers of width <= 16, activations O(1) (tanh-bounded, xavier weights): each product
+    # carries ~16 * 2^-24 relative error and 7 + 5 such layers compound to ~1e-5 relative;
+    # 1e-4 absolute on O(1) outputs leaves room, while any wiring error (gate order,
+    # transposed kernel, wrong gather, a missing tanh) moves outputs by O(0.1).
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     assert np.abs(want).max() > 0.1  # not trivially zero
     # from Duet.prepare's tables (what the benchmark times): the same function, in one
