@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -106,7 +107,7 @@ def save_record(path: str, identity: dict, payload: Any, key: str = "result",
                                                **extra}))
 
 
-def cached_array(path: str, identity: dict, compute: Any) -> np.ndarray:
+def cached_array(path: str, identity: dict, compute: Callable[[], Any]) -> np.ndarray:
     """The array stored at ``path`` (``.npy``) if it was made for ``identity`` and is intact;
     else ``compute()``, stored there before it is returned. A record beside it
     (``path + ".json"``, written last) holds the identity and the array's digest, so a file

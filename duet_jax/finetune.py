@@ -398,6 +398,8 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
         selection_rows = data.val
         val_stage = make_stage([data.train], data.val, data.num_users, config.num_samples)
     schedule = tuple(sorted(config.steps))
+    if store is not None:
+        os.makedirs(store[0], exist_ok=True)
     grid, best = [], None
     for lr in config.learning_rates:
         def validation_logits(lr=lr):
@@ -408,7 +410,6 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
             logits = validation_logits()
         else:
             directory, identity = store
-            os.makedirs(directory, exist_ok=True)
             logits = cache.cached_array(
                 os.path.join(directory, f"val_logits_lr{lr:g}.npy"),
                 {**identity, "learning_rate": lr, "schedule": list(schedule),

@@ -158,28 +158,30 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def current_rss_bytes() -> int | None:
-    """Resident set size now (Linux ``VmRSS``); None where ``/proc`` has no such field."""
+def _status_bytes(field: str) -> int | None:
+    """Linux ``/proc/self/status`` field ``field`` (a size in kB) in bytes; None where there
+    is no such file or field."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def current_rss_bytes() -> int | None:
+    """Resident set size now (Linux ``VmRSS``); None where ``/proc`` has no such field."""
+    return _status_bytes("VmRSS")
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size: since the last :func:`reset_peak_rss` (``VmHWM``), else since
     the process started (``getrusage``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -193,16 +193,14 @@ class Bench:
 
         compiled, compile_s = self.compile(call, args, self.key, np.int32(0))
         jax.block_until_ready(compiled(args, self.key, np.int32(0)))  # warm
+        # the call arguments made as the pass goes (nothing per device held beforehand)
+        run = _pipelined(compiled, ((args, self.key, np.int32(i)) for i in tqdm(
+            range(calls), desc=f"{model} streamed N={n:,}", unit="call",
+            disable=not c.progress or calls < 1000, leave=False)))
         timing.reset_peak_rss()
         rss_before = timing.current_rss_bytes()
-        started, previous = time.perf_counter(), None
-        for i in tqdm(range(calls), desc=f"{model} streamed N={n:,}", unit="call",
-                      disable=not c.progress or calls < 1000, leave=False):
-            out = compiled(args, self.key, np.int32(i))  # one call in flight, as _pipelined
-            if previous is not None:
-                jax.block_until_ready(previous)
-            previous = out
-        jax.block_until_ready(previous)
+        started = time.perf_counter()
+        run()
         seconds = time.perf_counter() - started
         return {"case": "streamed", "model": model, "num_devices": n, "batch_size": batch,
                 "per_call_devices": batch, "calls": calls, "padded_devices": calls * batch,
@@ -438,9 +436,10 @@ def _paired_row(kind: str, model: str, n: int, batch: int, times: dict[str, list
                                         "max": max(ratios), "per_round": ratios}}
 
 
-def _pipelined(compiled, args_per_call: list[tuple]) -> Callable[[], None]:
+def _pipelined(compiled, args_per_call: Iterable[tuple]) -> Callable[[], None]:
     """A pass that calls ``compiled`` on every ``args_per_call`` entry, keeping one call in
-    flight while the next is dispatched, and blocks on the last (results discarded)."""
+    flight while the next is dispatched, and blocks on the last (results discarded). A
+    one-shot iterable (a generator) makes a pass that runs once."""
     def run():
         previous = None
         for args in args_per_call:
