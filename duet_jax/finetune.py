@@ -27,6 +27,16 @@ sorted by evaluation-row count so a group's bucket fits its devices closely.
 
 ``params="head"`` fine-tunes the head only (the backbone's features of a device's rows are
 computed once, as a device would cache them); ``params="all"`` fine-tunes every parameter.
+For a model that declares its per-item tables (``ITEM_TABLES``, :mod:`duet_jax.models`),
+each device carries only the table rows its own rows read, renumbered (:func:`local_items`):
+a row no id of the device names gets a zero gradient at every step, and Adam's update of a
+coordinate whose gradients were all zero is exactly zero, so the other rows would stay Base's
+anyway. Same computation, on a table of a few hundred rows instead of every item.
+
+``selection_devices`` caps the devices of the validation stage: a seeded random sample of
+that many devices (all of them when there are fewer) tunes and is scored; the test stage
+always runs every device. All-parameter fine-tuning of a large dataset's every device at
+every learning rate takes hours on a CPU; the selection needs far fewer devices than that.
 
 A step count of 0 is Base itself, not a computation that should merely equal it: its logits
 are Base's predictions made exactly as Base's own evaluation makes them
@@ -39,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import time
@@ -62,6 +73,7 @@ Array = jax.Array
 PARAM_MODES = ("head", "all")
 SELECTIONS = ("train_end", "val_split")
 ROW_FIELDS = ("click_seq", "target", "label")
+ITEM_ID_FIELDS = ("click_seq", "target")  # the fields whose values are item ids
 EVAL_BATCH_SIZE = TrainConfig.eval_batch_size  # Base's default evaluation batch
 
 
@@ -76,6 +88,9 @@ class FinetuneConfig:
     # "train_end": tune on cloud-train rows, score all validation rows (original);
     # "val_split": tune on early validation events, score the late ones (fair; see above)
     selection: str = "train_end"
+    # devices the validation stage samples (0 = all); the test stage runs every device
+    selection_devices: int = 0
+    seed: int = 0  # of that sample
     progress: bool = True
 
     def __post_init__(self):
@@ -102,6 +117,11 @@ class FinetuneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "an integer >= 1")
+        for name in ("selection_devices", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, "an integer >= 0" + (" (0 = every device)"
+                                                 if name == "selection_devices" else ""))
         if self.select_metric not in metrics.METRIC_NAMES:
             fail("select_metric", f"one of {list(metrics.METRIC_NAMES)}")
         if self.selection not in SELECTIONS:
@@ -116,6 +136,7 @@ class FinetuneResult:
     steps: int
     grid: list[dict]  # every (learning_rate, steps) with its validation metrics
     devices: int  # devices fine-tuned for the test stage
+    selection_devices: int  # devices the validation stage tuned and scored
     seconds_per_device: float  # adaptation wall time per device, vmapped groups, after warm-up
     # [N_test] logits of every device-test row with the kept setting, in storage order
     test_logits: np.ndarray | None = None
@@ -171,11 +192,24 @@ def split_in_time(samples: SampleSet, num_users: int) -> tuple[SampleSet, Sample
         cut = distinct[len(distinct) // 2] if len(distinct) > 1 else distinct[0]
         early[rows] = events[rows] < cut
 
-    def subset(mask: np.ndarray) -> SampleSet:
-        index = np.flatnonzero(mask)
-        position = None if samples.position is None else samples.position[index]
-        return SampleSet(**samples.take(index), position=position)
-    return subset(early), subset(~early)
+    return _subset(samples, early), _subset(samples, ~early)
+
+
+def _subset(samples: SampleSet, mask: np.ndarray) -> SampleSet:
+    """The rows of ``samples`` where ``mask [N]`` holds, in storage order."""
+    index = np.flatnonzero(mask)
+    position = None if samples.position is None else samples.position[index]
+    return SampleSet(**samples.take(index), position=position)
+
+
+def sample_devices(samples: SampleSet, max_devices: int, seed: int) -> SampleSet:
+    """The rows of at most ``max_devices`` users of ``samples``: a random sample drawn with
+    ``seed``, or every row when there are no more users than that or ``max_devices`` is 0."""
+    users = np.unique(samples.user)
+    if max_devices == 0 or len(users) <= max_devices:
+        return samples
+    keep = np.random.default_rng(seed).choice(users, max_devices, replace=False)
+    return _subset(samples, np.isin(samples.user, keep))
 
 
 def _concat(sets: list[SampleSet]) -> dict[str, np.ndarray]:
@@ -238,6 +272,47 @@ def stage_groups(stage: Stage, group_size: int, num_samples: int):
         )
 
 
+def local_items(*batches: dict) -> tuple[np.ndarray, tuple[dict, ...]]:
+    """Each device's own item numbering, for a group's ``batches`` (``[G, ...]`` each).
+
+    -> ``(item_rows [G, V], renumbered)``: ``item_rows[d]`` lists the distinct item ids that
+    device ``d``'s rows read (``ITEM_ID_FIELDS`` of every batch), ascending, 0 (padding)
+    first, then 0 again up to ``V`` (a power of two >= 8, so few shapes compile);
+    ``renumbered`` holds copies of the batches with every id replaced by its index in that
+    list. Index 0 is still padding, so the model reads ``table[item_rows[d]]`` exactly as it
+    read ``table``."""
+    groups = batches[0][ITEM_ID_FIELDS[0]].shape[0]
+    per_device = [
+        np.unique(np.concatenate([np.zeros(1, np.int64)] + [
+            np.ravel(batch[f][d]) for batch in batches for f in ITEM_ID_FIELDS]))
+        for d in range(groups)
+    ]
+    width = bucket_size(max(len(ids) for ids in per_device), 8)
+    item_rows = np.zeros((groups, width), np.int32)
+    renumbered = tuple({**batch, **{f: np.empty_like(batch[f]) for f in ITEM_ID_FIELDS}}
+                       for batch in batches)
+    for d, ids in enumerate(per_device):
+        item_rows[d, : len(ids)] = ids
+        for new, old in zip(renumbered, batches, strict=True):
+            for f in ITEM_ID_FIELDS:
+                new[f][d] = np.searchsorted(ids, old[f][d])
+    return item_rows, renumbered
+
+
+def uses_local_items(model: DeviceModel, mode: str) -> bool:
+    """Whether fine-tuning in ``mode`` carries only each device's own item rows: all
+    parameters, of a model that declares its item tables."""
+    return mode == "all" and bool(model.item_tables)
+
+
+def _local_tables(model: DeviceModel, params: dict, item_rows: Array) -> dict:
+    """``params`` with each of the model's item tables cut to the rows ``item_rows [V]``."""
+    backbone = dict(params["backbone"])
+    for name in model.item_tables:
+        backbone[name] = backbone[name][item_rows]
+    return {**params, "backbone": backbone}
+
+
 # ---------------------------------------------------------------- vmapped fine-tuning
 
 
@@ -294,32 +369,37 @@ def _adapt(model: DeviceModel, mode: str, trainable, fixed, tune_batch: dict,
 
 @functools.partial(jax.jit, static_argnames=("model", "mode", "schedule"))
 def finetune_and_score(model: DeviceModel, mode: str, trainable, fixed, tune_batch: dict,
-                       eval_batch: dict, learning_rate: Array, schedule: tuple[int, ...]) -> Array:
+                       eval_batch: dict, learning_rate: Array, schedule: tuple[int, ...],
+                       item_rows: Array | None = None) -> Array:
     """Fine-tune every device of a group and score its evaluation rows after each step count
     in ``schedule`` (sorted). ``tune_batch [G, S, ...]``, ``eval_batch [G, E, ...]`` ->
-    logits ``[len(schedule), G, E]``."""
+    logits ``[len(schedule), G, E]``. ``item_rows [G, V]``: the batches' ids are each
+    device's own numbering (:func:`local_items`; ``mode="all"`` only)."""
     prepare, logits = _device_fns(model, mode)
 
-    def one(tune, evaluate):
+    def one(tune, evaluate, rows):
+        start = trainable if rows is None else _local_tables(model, trainable, rows)
         eval_inputs = prepare(fixed, evaluate)
-        outs = _adapt(model, mode, trainable, fixed, tune, learning_rate, schedule,
+        outs = _adapt(model, mode, start, fixed, tune, learning_rate, schedule,
                       lambda p: logits(p, fixed, eval_inputs))
         return jnp.stack(outs)
 
-    return jnp.swapaxes(jax.vmap(one)(tune_batch, eval_batch), 0, 1)
+    return jnp.swapaxes(jax.vmap(one)(tune_batch, eval_batch, item_rows), 0, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "mode", "steps"))
 def finetune_params(model: DeviceModel, mode: str, trainable, fixed, tune_batch: dict,
-                    learning_rate: Array, steps: int):
+                    learning_rate: Array, steps: int, item_rows: Array | None = None):
     """Adaptation alone (what a device runs): ``steps`` Adam steps per device of a group ->
-    the fine-tuned trainable parameters with a leading ``[G]`` axis."""
+    the fine-tuned trainable parameters with a leading ``[G]`` axis. With ``item_rows
+    [G, V]`` (:func:`local_items`) a device's item tables are its own rows ``[V, ...]``."""
 
-    def one(tune):
-        return _adapt(model, mode, trainable, fixed, tune, learning_rate, (steps,),
+    def one(tune, rows):
+        start = trainable if rows is None else _local_tables(model, trainable, rows)
+        return _adapt(model, mode, start, fixed, tune, learning_rate, (steps,),
                       lambda p: p)[0]
 
-    return jax.vmap(one)(tune_batch)
+    return jax.vmap(one)(tune_batch, item_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -351,31 +431,47 @@ def run_stage(model: DeviceModel, params: dict, stage: Stage, config: FinetuneCo
     first = len(schedule) - len(tuned)
     groups = stage_groups(stage, config.group_size, config.num_samples)
     total = -(-len(stage.devices) // config.group_size)
+    local = uses_local_items(model, config.params)
     for _, count, tune, evaluate, index in tqdm(groups, total=total, desc=desc, unit="group",
                                                 disable=not config.progress, leave=False):
+        item_rows = None
+        if local:
+            item_rows, (tune, evaluate) = local_items(tune, evaluate)
         logits = np.asarray(finetune_and_score(model, config.params, trainable, fixed, tune,
-                                               evaluate, jnp.float32(learning_rate), tuned))
+                                               evaluate, jnp.float32(learning_rate), tuned,
+                                               item_rows))
         valid = index[:count] >= 0
         out[first:, index[:count][valid]] = logits[:, :count][:, valid]
     return out
 
 
 def time_adaptation(model: DeviceModel, params: dict, stage: Stage, config: FinetuneConfig,
-                    learning_rate: float, steps: int) -> float:
-    """Wall seconds per device of fine-tuning alone (vmapped groups), after one warm-up."""
+                    learning_rate: float, steps: int, max_groups: int = 8) -> float:
+    """Wall seconds per device of fine-tuning alone (vmapped groups), after one warm-up, over
+    the stage's first ``max_groups`` groups (every group has the same ``[G, S]`` shape, so a
+    few represent all; timing each of a large dataset's devices would cost another stage)."""
     trainable, fixed = _split_params(params, config.params)
-    batches = [tune for _, _, tune, _, _ in stage_groups(stage, config.group_size,
-                                                         config.num_samples)]
+    local = uses_local_items(model, config.params)
+    batches = []
+    for _, count, tune, _, _ in itertools.islice(
+            stage_groups(stage, config.group_size, config.num_samples), max_groups):
+        rows = None
+        if local:
+            rows, (tune,) = local_items(tune)
+        batches.append((count, tune, rows))
     if not batches:
         return float("nan")
     lr = jnp.float32(learning_rate)
-    jax.block_until_ready(finetune_params(model, config.params, trainable, fixed, batches[0],
-                                          lr, steps))
+
+    def adapt(tune, rows):
+        return jax.block_until_ready(finetune_params(model, config.params, trainable, fixed,
+                                                     tune, lr, steps, rows))
+
+    adapt(*batches[0][1:])  # warm-up (compilation)
     started = time.perf_counter()
-    for tune in batches:
-        jax.block_until_ready(finetune_params(model, config.params, trainable, fixed, tune, lr,
-                                              steps))
-    return (time.perf_counter() - started) / len(stage.devices)
+    for _, tune, rows in batches:
+        adapt(tune, rows)
+    return (time.perf_counter() - started) / sum(count for count, _, _ in batches)
 
 
 def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
@@ -392,11 +488,11 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
     finished learning rate (all-parameter fine-tuning of a large dataset takes hours)."""
     if config.selection == "val_split":
         tune_part, selection_rows = split_in_time(data.val, data.num_users)
-        val_stage = make_stage([data.train, tune_part], selection_rows, data.num_users,
-                               config.num_samples)
+        tune_sets = [data.train, tune_part]
     else:
-        selection_rows = data.val
-        val_stage = make_stage([data.train], data.val, data.num_users, config.num_samples)
+        selection_rows, tune_sets = data.val, [data.train]
+    selection_rows = sample_devices(selection_rows, config.selection_devices, config.seed)
+    val_stage = make_stage(tune_sets, selection_rows, data.num_users, config.num_samples)
     schedule = tuple(sorted(config.steps))
     if store is not None:
         os.makedirs(store[0], exist_ok=True)
@@ -428,6 +524,7 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
     test = metrics.evaluate(data.test.user, data.test.label, logits[0])
     seconds = time_adaptation(model, base_params, test_stage, config, lr, steps)
     return FinetuneResult(test=test, val=val, learning_rate=lr, steps=steps, grid=grid,
-                          devices=len(test_stage.devices), seconds_per_device=seconds,
+                          devices=len(test_stage.devices),
+                          selection_devices=len(val_stage.devices), seconds_per_device=seconds,
                           test_logits=logits[0])
 

@@ -57,6 +57,10 @@ class CellOptions:
     lags: tuple[int, ...] = (0, 5, 20)
     finetune_learning_rates: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 1e-2)
     finetune_steps: tuple[int, ...] = (0, 1, 5, 20, 50)
+    # devices fine-tuning's selection stage samples (FinetuneConfig.selection_devices): all
+    # of MovieLens-100K's 943; a sample of Amazon's 17-22k, whose every device at every
+    # learning rate would take many CPU hours of all-parameter fine-tuning
+    finetune_selection_devices: int = 2048
 
 
 def _lr_dir(run_dir: str, lr: float) -> str:
@@ -130,6 +134,7 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
         ft.finetune.steps = tuple(options.finetune_steps)
         # tune on validation events Base never trained on, score later ones (fair protocol)
         ft.finetune.selection = "val_split"
+        ft.finetune.selection_devices = options.finetune_selection_devices
         result = experiment.run_finetune(model, trained["base"]["params"], data, ft,
                                          os.path.join(cell_dir, f"finetune_{mode}"))
         logits[f"finetune_{mode}/once"] = np.asarray(result.pop("test_logits"), np.float32)
@@ -145,7 +150,8 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
         "metrics": scores,
         "selection": {name: {k: v for k, v in r.items() if k != "params"}
                       for name, r in trained.items()},
-        "finetune": {mode: {k: r[k] for k in ("learning_rate", "steps", "val")}
+        "finetune": {mode: {k: r[k] for k in ("learning_rate", "steps", "val",
+                                              "selection_devices")}
                      for mode, r in finetuned.items()},
         "params": {name: controls.count_params(r["params"]) for name, r in trained.items()},
         "predictions": PREDICTIONS,

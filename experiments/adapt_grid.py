@@ -41,6 +41,9 @@ _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 30, "Epoch budget; early stoppi
 _PATIENCE = flags.DEFINE_integer("patience", 3, "Epochs without validation gain before stopping.")
 _LAGS = flags.DEFINE_list("lags", ["0", "5", "20"], "Sync lags scored on device-test.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples per comparison.")
+_FT_SELECTION = flags.DEFINE_integer(
+    "finetune_selection_devices", adapt_cell.CellOptions.finetune_selection_devices,
+    "Devices fine-tuning's selection stage samples (0 = all); its test stage runs all.")
 _SET = flags.DEFINE_multi_string("set", [], "Config override for every cell (repeatable).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False,
                                  "Only rebuild the report from finished cells; train nothing.")
@@ -67,9 +70,13 @@ def cell_config(dataset: str, model: str, seed: int, overrides: list[str]):
 
 
 def cell_options() -> adapt_cell.CellOptions:
+    if _FT_SELECTION.value < 0:
+        raise app.UsageError(f"--finetune_selection_devices={_FT_SELECTION.value}: expected "
+                             "an integer >= 0 (0 = every device)")
     try:
         return adapt_cell.CellOptions(learning_rates=tuple(float(v) for v in _LRS.value),
-                                      lags=tuple(int(v) for v in _LAGS.value))
+                                      lags=tuple(int(v) for v in _LAGS.value),
+                                      finetune_selection_devices=_FT_SELECTION.value)
     except ValueError as err:
         raise app.UsageError(f"--learning_rates/--lags: {err}") from None
 
@@ -88,7 +95,8 @@ def main(argv):
         identity = {"config": config.to_dict(), "options": options.__dict__,
                     "protocol": adapt_cell.PROTOCOL_VERSION}
         # fields added to the code since a cell was written take their defaults there
-        defaults = {"config": cell_config(dataset, model, seed, []).to_dict()}
+        defaults = {"config": cell_config(dataset, model, seed, []).to_dict(),
+                    "options": adapt_cell.CellOptions().__dict__}
         record = cache.load_record(os.path.join(path, "cell.json"), identity, key="cell",
                                    defaults=defaults)
         if record is None and not _REPORT_ONLY.value:
@@ -108,7 +116,8 @@ def main(argv):
         for n, v in (("datasets", _DATASETS.value), ("models", _MODELS.value),
                      ("seeds", _SEEDS.value), ("workdir", workdir),
                      ("learning_rates", _LRS.value), ("max_epochs", _MAX_EPOCHS.value),
-                     ("patience", _PATIENCE.value), ("lags", _LAGS.value))
+                     ("patience", _PATIENCE.value), ("lags", _LAGS.value),
+                     ("finetune_selection_devices", _FT_SELECTION.value))
     ) + "".join(f" --set={s}" for s in _SET.value)
     text = adapt_report.write_report(workdir, done, missing, command, _BOOTSTRAP.value)
     print(text)

@@ -160,8 +160,10 @@ def finetune_config(config: ml_collections.ConfigDict) -> FinetuneConfig:
             fields[name] = tuple(fields[name])
     fields["select_metric"] = config.train.select_metric
     fields["progress"] = bool(config.train.progress)
+    fields["seed"] = config.seed  # of the selection stage's device sample
     paths = {k: f"config.finetune.{k}" for k in fields}
     paths["select_metric"] = "config.train.select_metric"
+    paths["seed"] = "config.seed"
     return _build(FinetuneConfig, paths, **fields)
 
 

@@ -26,7 +26,7 @@ def setup():
     data = experiment.load_data(config)
     models = {
         name: get_model(name, config_lib.model_config(config, data.num_items))
-        for name in ("sasrec", "din")
+        for name in ("sasrec", "gru4rec", "din")
     }
     params = {name: m.init(jax.random.key(1)) for name, m in models.items()}
     return data, models, params
@@ -217,7 +217,8 @@ def test_fine_tuning_lowers_each_devices_own_loss(setup):
 @pytest.mark.parametrize(
     "field, value",
     [("steps", ()), ("steps", (1, -2)), ("steps", (3, 3)), ("learning_rates", (0.0,)),
-     ("params", "backbone"), ("num_samples", 0), ("group_size", 0)],
+     ("params", "backbone"), ("num_samples", 0), ("group_size", 0),
+     ("selection_devices", -1)],
 )
 def test_bad_finetune_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"config\.finetune\.{field}"):
@@ -259,3 +260,105 @@ def test_an_interrupted_selection_resumes_after_its_last_finished_learning_rate(
                                    eval_batch_size=EVAL_BATCH,
                                    store=(str(tmp_path), {**identity, "base": "other"}))
     assert stages == ["finetune val lr=0.001", "finetune val lr=0.01", "finetune test"]
+
+
+def test_local_items_renumber_each_devices_own_ids(setup):
+    data, _, _ = setup
+    _, _, tune, evaluate, _ = next(finetune.stage_groups(_test_stage(data, 12), 8, 12))
+    before = {f: tune[f].copy() for f in finetune.ITEM_ID_FIELDS}
+    rows, (local_tune, local_eval) = finetune.local_items(tune, evaluate)
+    groups, width = rows.shape
+    assert groups == 8 and width >= 8 and width & (width - 1) == 0  # a power of two
+    for d in range(groups):
+        read = np.concatenate([np.ravel(b[f][d]) for b in (tune, evaluate)
+                               for f in finetune.ITEM_ID_FIELDS])
+        ids = np.union1d(read, [0])  # ascending, padding (0) first
+        np.testing.assert_array_equal(rows[d, : len(ids)], ids)
+        assert not rows[d, len(ids):].any()  # filled with padding
+        for new, old in ((local_tune, tune), (local_eval, evaluate)):
+            for f in finetune.ITEM_ID_FIELDS:
+                np.testing.assert_array_equal(rows[d][new[f][d]], old[f][d])  # same items
+                assert (new[f][d] == 0).tolist() == (old[f][d] == 0).tolist()  # same padding
+            for f in ("label", "weight"):
+                np.testing.assert_array_equal(new[f], old[f])
+    for f in finetune.ITEM_ID_FIELDS:
+        np.testing.assert_array_equal(tune[f], before[f])  # the input is not renumbered
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "din"])
+def test_fine_tuning_each_devices_own_item_rows_is_fine_tuning_the_whole_table(setup, name):
+    data, models, params = setup
+    model, base = models[name], params[name]
+    assert model.item_tables == ("item_embedding",)
+    _, count, tune, evaluate, _ = next(finetune.stage_groups(_test_stage(data, 12), 8, 12))
+    lr, table = jnp.float32(1e-2), base["backbone"]["item_embedding"]
+    rows, (local_tune, local_eval) = finetune.local_items(tune, evaluate)
+    assert rows.shape[1] < table.shape[0]  # a real cut of the table
+    whole = finetune.finetune_and_score(model, "all", base, None, tune, evaluate, lr, (1, 3))
+    local = finetune.finetune_and_score(model, "all", base, None, local_tune, local_eval, lr,
+                                        (1, 3), rows)
+    # the same float32 operations on the same rows, except that the table's gradient is
+    # scattered into a smaller array (its summation order may differ): two orders
+    atol = _tuned_atol(name, 3)
+    tol.assert_within(local, whole, atol, f"{name}: own item rows vs whole table")
+    moved = np.median(np.abs(np.asarray(whole[1]) - np.asarray(whole[0])))
+    assert moved > 5 * atol  # steps 1 -> 3 moved the logits: the check is not vacuous
+    # why it holds: after Adam steps, every row a device's rows do not read is Base's,
+    # bit for bit, and the rows it reads are the local table's
+    tune_rows, (own_tune,) = finetune.local_items(tune)
+    full = finetune.finetune_params(model, "all", base, None, tune, lr, 3)
+    own = finetune.finetune_params(model, "all", base, None, own_tune, lr, 3, tune_rows)
+    full_table = np.asarray(full["backbone"]["item_embedding"])
+    own_table = np.asarray(own["backbone"]["item_embedding"])
+    for d in range(count):
+        read = np.unique(tune_rows[d])
+        unread = np.setdiff1d(np.arange(table.shape[0]), read)
+        np.testing.assert_array_equal(full_table[d][unread], np.asarray(table)[unread])
+        assert np.abs(full_table[d][read[1:]] - np.asarray(table)[read[1:]]).max() > 0
+        # a parameter moves at most lr per Adam step; two summation orders of its gradient
+        # change that step by a float32 rounding of it, far below a wrong row's lr-sized gap
+        tol.assert_within(own_table[d][: len(read)], full_table[d][read],
+                          3 * float(lr) * 1e-3, f"{name}: device {d}'s rows")
+
+
+def test_selection_samples_devices_and_the_test_stage_runs_every_device(setup):
+    data, models, params = setup
+    users = np.unique(data.val.user)
+    sample = finetune.sample_devices(data.val, 5, seed=3)
+    kept = np.unique(sample.user)
+    assert len(kept) == 5 and set(kept) <= set(users)
+    for u in kept:  # every row of a kept device, in storage order
+        np.testing.assert_array_equal(sample.target[sample.user == u],
+                                      data.val.target[data.val.user == u])
+    again = finetune.sample_devices(data.val, 5, seed=3)
+    np.testing.assert_array_equal(again.user, sample.user)  # seeded
+    others = [set(np.unique(finetune.sample_devices(data.val, 5, seed=s).user))
+              for s in range(4, 8)]
+    assert any(o != set(kept) for o in others)  # the seed draws the sample
+    assert finetune.sample_devices(data.val, 0, seed=3) is data.val  # 0: every device
+    assert finetune.sample_devices(data.val, len(users), seed=3) is data.val
+
+    config = _config(steps=(0, 1), selection_devices=5, seed=3)
+    result = finetune.finetune_and_evaluate(models["din"], params["din"], data, config,
+                                            eval_batch_size=EVAL_BATCH)
+    assert result.selection_devices == 5
+    assert result.devices == len(np.unique(data.test.user))
+    # validation metrics are the sample's: Base (0 steps) scored on the kept devices' rows
+    logits_fn = jax.jit(base_method(models["din"]).logits)
+    base_on_sample = evaluate(logits_fn, params["din"], sample, EVAL_BATCH)
+    assert result.grid[0]["steps"] == 0
+    assert result.grid[0]["val"]["auc"] == pytest.approx(base_on_sample["auc"], abs=1e-12)
+
+
+def test_adaptation_is_timed_on_a_few_groups(setup, monkeypatch):
+    data, models, params = setup
+    stage = _test_stage(data, 12)
+    config = _config(params="all")
+    calls = []
+    real = finetune.finetune_params
+    monkeypatch.setattr(finetune, "finetune_params",
+                        lambda *a, **k: calls.append(a[4]["label"].shape) or real(*a, **k))
+    seconds = finetune.time_adaptation(models["sasrec"], params["sasrec"], stage, config,
+                                       1e-2, 2, max_groups=2)
+    assert seconds > 0
+    assert len(calls) == 3 and all(c == (8, 12) for c in calls)  # warm-up + 2 groups

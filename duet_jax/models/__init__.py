@@ -23,6 +23,13 @@ every item are then ``embed_sequence`` of the sequence ``0, 1, ..., num_items``)
 input projection split into an item and a position part), optionally with
 ``embed_prepared_time_major(tables, seq) -> (H [L, B, F], mask [L, B])``.
 
+Optional, for faster all-parameter fine-tuning (:mod:`duet_jax.finetune`):
+``ITEM_TABLES = ("item_embedding", ...)``, the backbone keys of per-item tables
+``[num_items + 1, ...]`` that the model reads only as ``layers.embed(table, ids)`` of a
+batch's ``click_seq`` and ``target``. A row no id of a device's rows names gets no gradient,
+so Adam leaves it exactly as it was: fine-tuning may then carry only the rows a device
+reads (its ids renumbered), which is the same computation on a far smaller table.
+
 A batch is a dict: ``click_seq [B, L] int32`` right-padded with 0, ``target [B] int32``,
 ``label [B]``, ``user [B]`` (plus ``trigger_seq [B, L]`` for DUET). Sizes come from a
 :class:`ModelConfig`.
@@ -239,6 +246,12 @@ class DeviceModel:
             return own(prepared["tables"], seq)
         features, mask = self.impl.embed_prepared(prepared["tables"], seq)
         return jax.numpy.swapaxes(features, 0, 1), mask.T
+
+    @property
+    def item_tables(self) -> tuple[str, ...]:
+        """Backbone keys of per-item tables read only at a batch's item ids (the optional
+        ``ITEM_TABLES``; empty when the model does not declare it)."""
+        return tuple(getattr(self.impl, "ITEM_TABLES", ()))
 
     def head_template(self) -> Any:
         """The head's structure, shapes and dtypes (``jax.ShapeDtypeStruct`` leaves)."""

@@ -43,6 +43,11 @@ def _check_length(seq: Array, positions: Array) -> None:
         )
 
 
+# the item table is read only as layers.embed at click_seq and target ids: all-parameter
+# fine-tuning may carry the rows a device reads alone (models/__init__.py)
+ITEM_TABLES = ("item_embedding",)
+
+
 def embed_sequence(backbone: dict, seq: Array) -> tuple[Array, Array]:
     """``H = tanh(Dense(E[seq] + P))`` -> ``([B, L, D], mask [B, L])``; the generator reads it."""
     positions = backbone["position_embedding"]

@@ -53,8 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     # on-device fine-tuning baseline (method "finetune"): each device starts from Base and
     # takes Adam steps on its own most recent labelled rows; (rate, steps) picked on
     # validation (duet_jax.finetune.FinetuneConfig; select_metric and progress come from
-    # config.train)
-    config.finetune = fields_of(FinetuneConfig(), exclude=("select_metric", "progress"))
+    # config.train, the seed of selection_devices' sample from config.seed)
+    config.finetune = fields_of(FinetuneConfig(), exclude=("select_metric", "progress", "seed"))
 
     # how samples are made from sequences (duet_jax.data.samples.SampleConfig; docs/datasets.md)
     config.data = fields_of(SampleConfig(), exclude=("seq_len",))

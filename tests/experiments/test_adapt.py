@@ -44,7 +44,8 @@ def test_one_cell_and_its_report(tmp_path):
     config = _config()
     data = experiment.load_data(config)
     options = adapt_cell.CellOptions(learning_rates=(3e-3, 1e-2), lags=(0, 2),
-                                     finetune_learning_rates=(1e-3,), finetune_steps=(0, 1))
+                                     finetune_learning_rates=(1e-3,), finetune_steps=(0, 1),
+                                     finetune_selection_devices=4)
     cell = str(tmp_path / "cell")
     record = adapt_cell.run_cell(config, cell, data, options)
     preds = adapt_cell.load_predictions(cell)
@@ -61,6 +62,9 @@ def test_one_cell_and_its_report(tmp_path):
     # fine-tuning with 0 steps in its grid: at worst it keeps Base (chosen on validation)
     assert set(record["selection"]) == {"base", "base_wide", "duet"}
     assert record["selection"]["duet"]["learning_rate"] in (3e-3, 1e-2)
+    assert len(np.unique(data.val.user)) > 4  # so fine-tuning's selection sampled devices
+    for mode in adapt_cell.FINETUNE_MODES:
+        assert record["finetune"][mode]["selection_devices"] == 4
     counts = record["params"]
     assert abs(counts["base_wide"] - counts["duet"]) <= 0.1 * counts["duet"]
     assert preds["drift"].shape == (data.num_users,)
