@@ -33,6 +33,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": _cpu_model(),
+        "cpu": cpu_details(),
         "cpu_count": os.cpu_count(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
@@ -65,15 +66,36 @@ def code_version(root: str = ROOT) -> dict:
     return {"commit": commit, "dirty": bool(paths), "dirty_paths": paths}
 
 
-def _cpu_model() -> str:
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+              "avx512_bf16", "amx_tile", "asimd", "sve")  # what XLA's CPU code may use
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's ``/proc/cpuinfo`` fields ({} where there is none)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor()
+    return fields
+
+
+def _cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor()
+
+
+def cpu_details() -> dict:
+    """The CPU's family/model numbers and SIMD extensions: "AMD EPYC" alone names CPUs from
+    AVX2-only Zen 3 to AVX-512 Zen 5, which generate heads at different speeds."""
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    return {"vendor": info.get("vendor_id"), "family": info.get("cpu family"),
+            "model": info.get("model"), "simd": [f for f in SIMD_FLAGS if f in flags]}
 
 
 def _fmt(value) -> str:

@@ -38,3 +38,16 @@ def test_code_version_lists_the_edited_files(tmp_path):
     (tmp_path / "untracked.txt").write_text("ignored\n")  # untracked files do not count
     code = report.code_version(str(tmp_path))
     assert code["dirty"] is True and code["dirty_paths"] == ["rows.json"]
+
+
+def test_cpu_details_read_the_first_processors_fields(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+                       "model\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f "
+                       "avx512bw\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    assert report.cpu_details() == {"vendor": "AuthenticAMD", "family": "26", "model": "2",
+                                    "simd": ["avx", "avx2", "avx512f", "avx512bw"]}
+    assert report.environment()["processor"] == "AMD EPYC"
