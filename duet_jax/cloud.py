@@ -102,8 +102,10 @@ class Cloud:
             prepared = jax.jit(duet.prepare)(params)
             self._inputs = (jax.device_put(prepared, sharding.replicated(self.mesh))
                             if self.mesh is not None else prepared)
-            self._serve = jit(
-                lambda p, seqs: materialize(duet.generate_prepared(p, seqs)))
+            # ordering devices by length inside the call would move rows between shards
+            by_length = shards == 1
+            self._serve = jit(lambda p, seqs: materialize(
+                duet.generate_prepared(p, seqs, by_length=by_length)))
         else:
             # decoders run batched on z [n, Z], as in Duet.generate
             self._inputs = params

@@ -40,6 +40,23 @@ SEPARATE_TABLES_MAX_BYTES = 2 * 2**20
 # 69k devices/s at B = 4,096 against 126k at B = 256 (quiet machine, same run).
 ENCODE_CHUNK = 256
 
+# Duet.generate_prepared(by_length=True) cuts a chunk's sequences after a multiple of this
+# many positions (or at seq_len): few enough static lengths to compile each once.
+STEP_BUCKET = 8
+
+
+def steps_needed(seq: Array) -> Array:
+    """``seq [*batch, L]`` right-padded ids -> ``[*batch]`` int32: 1 + the position of each
+    row's last valid (non-zero) id, 0 for an empty row: the leading positions it needs."""
+    positions = jnp.arange(1, seq.shape[-1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(seq != 0, positions, 0), axis=-1)
+
+
+def step_buckets(length: int) -> tuple[int, ...]:
+    """The lengths a sequence of ``length`` positions may be cut to: the multiples of
+    :data:`STEP_BUCKET` below it, then ``length``."""
+    return (*range(STEP_BUCKET, length, STEP_BUCKET), length)
+
 
 @dataclasses.dataclass(frozen=True)
 class Duet:
@@ -154,15 +171,46 @@ class Duet:
             return {"params": params, "features": features}
         return {"params": params}
 
-    def generate_prepared(self, prepared: dict, seq: Array) -> Any:
+    def generate_prepared(self, prepared: dict, seq: Array, by_length: bool = True) -> Any:
         """:meth:`generate` from :meth:`prepare`'s output: ``seq [N, L]`` -> heads ``[N, ...]``.
 
         When ``N`` is a multiple of :data:`ENCODE_CHUNK` above it, the encoder runs chunk by
         chunk (``lax.map``) and the decoders once on all ``z [N, Z]``: the same numbers as
-        one call, with the encoder's working set kept in cache."""
+        one call, with the encoder's working set kept in cache.
+
+        ``by_length`` (for models whose prepared features allow it,
+        :attr:`~duet_jax.models.DeviceModel.cuts_trailing_padding`): each chunk is encoded
+        cut after its longest sequence's last valid step, rounded up to a multiple of
+        :data:`STEP_BUCKET` (a few static lengths; the chunk picks one at run time), and
+        with several chunks the devices are first ordered by that length inside the call
+        (``z`` is put back in the input's order), so short sequences share chunks. Padded
+        positions never change ``z`` (the encoder contract), so the heads are the same
+        numbers up to float summation order; the encoder's time follows the steps run.
+        Leave it on except over a mesh of several devices, where ordering the rows would
+        move them between shards."""
         gen = self.generator
-        z = in_chunks(lambda s: self._encode_prepared(prepared, s), seq)
+        n = seq.shape[0]
+        chunked = isinstance(n, int) and n > ENCODE_CHUNK and n % ENCODE_CHUNK == 0
+        if not (by_length and self.model.cuts_trailing_padding and "params" in prepared
+                and ("projected" in prepared or "features" in prepared)):
+            z = in_chunks(lambda s: self._encode_prepared(prepared, s), seq)
+        elif chunked:
+            order = jnp.argsort(steps_needed(seq), stable=True)
+            z_sorted = in_chunks(lambda s: self._encode_cut(prepared, s), seq[order])
+            z = jnp.zeros_like(z_sorted).at[order].set(z_sorted, unique_indices=True)
+        else:
+            z = self._encode_cut(prepared, seq)
         return gen.apply(prepared["params"]["generator"], z, method=gen.decode)
+
+    def _encode_cut(self, prepared: dict, seq: Array) -> Array:
+        """:meth:`_encode_prepared` of ``seq [n, L]`` cut after the last position any row
+        needs, rounded up to one of :func:`step_buckets` (``lax.switch``: one static shape
+        per length, the branch chosen at run time)."""
+        lengths = step_buckets(seq.shape[1])
+        needed = jnp.max(steps_needed(seq))
+        index = jnp.minimum(jnp.searchsorted(jnp.asarray(lengths), needed), len(lengths) - 1)
+        return jax.lax.switch(index, [
+            lambda k=k: self._encode_prepared(prepared, seq[:, :k]) for k in lengths])
 
     def _encode_prepared(self, prepared: dict, seq: Array) -> Array:
         """``seq [n, L]`` -> ``z [n, Z]`` from the prepared tables."""

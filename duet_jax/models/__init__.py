@@ -23,6 +23,12 @@ every item are then ``embed_sequence`` of the sequence ``0, 1, ..., num_items``)
 input projection split into an item and a position part), optionally with
 ``embed_prepared_time_major(tables, seq) -> (H [L, B, F], mask [L, B])``.
 
+Optional, for generation that skips trailing padding
+(:meth:`duet_jax.duet.Duet.generate_prepared`): ``CUTS_TRAILING_PADDING = True`` when
+``embed_prepared`` (and its time-major form) accepts a sequence shorter than ``seq_len`` and
+then gives the first positions of the full sequence's features (``sasrec``: its position
+embeddings are cut to match). Per-item features always allow it.
+
 Optional, for faster all-parameter fine-tuning (:mod:`duet_jax.finetune`):
 ``ITEM_TABLES = ("item_embedding", ...)``, the backbone keys of per-item tables
 ``[num_items + 1, ...]`` that the model reads only as ``layers.embed(table, ids)`` of a
@@ -246,6 +252,14 @@ class DeviceModel:
             return own(prepared["tables"], seq)
         features, mask = self.impl.embed_prepared(prepared["tables"], seq)
         return jax.numpy.swapaxes(features, 0, 1), mask.T
+
+    @property
+    def cuts_trailing_padding(self) -> bool:
+        """Whether :meth:`embed_prepared` of a batch cut after position ``k`` (every row
+        padding from there on) gives the first ``k`` positions of the whole batch's: true
+        for per-item features, else declared by the model (``CUTS_TRAILING_PADDING``)."""
+        return bool(getattr(self.impl, "PER_ITEM_FEATURES", False)
+                    or getattr(self.impl, "CUTS_TRAILING_PADDING", False))
 
     @property
     def item_tables(self) -> tuple[str, ...]:

@@ -43,6 +43,18 @@ def _check_length(seq: Array, positions: Array) -> None:
         )
 
 
+def _leading_positions(seq: Array, positions: Array) -> Array:
+    """The position rows of ``seq``'s first positions: generation may cut a batch after its
+    last valid position (``CUTS_TRAILING_PADDING``), never lengthen it."""
+    if seq.shape[-1] > positions.shape[0]:
+        _check_length(seq, positions)
+    return positions[: seq.shape[-1]]
+
+
+# embed_prepared of a batch cut after position k gives the first k positions' features:
+# positions count from a sequence's oldest item, so cutting trailing padding keeps them
+CUTS_TRAILING_PADDING = True
+
 # the item table is read only as layers.embed at click_seq and target ids: all-parameter
 # fine-tuning may carry the rows a device reads alone (models/__init__.py)
 ITEM_TABLES = ("item_embedding",)
@@ -68,9 +80,9 @@ def prepare_features(backbone: dict) -> dict[str, Array]:
 
 def embed_prepared(prepared: dict[str, Array], seq: Array) -> tuple[Array, Array]:
     """:func:`embed_sequence` from :func:`prepare_features`' tables: a gather and a ``tanh``
-    (equal up to float summation order)."""
-    positions = prepared["positions"]
-    _check_length(seq, positions)
+    (equal up to float summation order). ``seq`` may be cut after its last valid position
+    (``L <= seq_len``)."""
+    positions = _leading_positions(seq, prepared["positions"])
     return jax.numpy.tanh(prepared["items"][seq] + positions), layers.sequence_mask(seq)
 
 
@@ -78,8 +90,7 @@ def embed_prepared_time_major(prepared: dict[str, Array], seq: Array
                               ) -> tuple[Array, Array]:
     """:func:`embed_prepared` laid out time-major: ``seq [B, L]`` -> ``([L, B, D], mask
     [L, B])``, gathered in that order (no transpose of the features)."""
-    positions = prepared["positions"]
-    _check_length(seq, positions)
+    positions = _leading_positions(seq, prepared["positions"])
     time_major = seq.T
     h = jax.numpy.tanh(prepared["items"][time_major] + positions[:, None, :])
     return h, layers.sequence_mask(time_major)

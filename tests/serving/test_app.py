@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from duet_jax import delivery
 from duet_jax.cloud import _encode_z
 from duet_jax.serving import GenerationClient, ServerConfig, codec, create_app
-from tests.serving.conftest import NUM_ITEMS, SEQ_LEN
+from tests import tolerances as tol
+from tests.serving.conftest import NUM_ITEMS, SEQ_LEN, heads_atol
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,9 @@ def reference(loaded, seq: np.ndarray) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_round_trip_equals_duet_generate(client, loaded, binary):
-    """float32: bitwise equal (the same jitted computation on the same rows); bfloat16 and
+    """float32: within two float32 evaluations of the generator (the server reads the
+    per-item tables of Duet.prepare and compiles with generation_options, so XLA may order
+    a sum differently: bitwise equal on an AVX-512 CPU, 1.7e-8 apart on an AVX2 one); bfloat16 and
     int8 within their delivery bounds (duet_jax.delivery: half a bfloat16 ulp, 2**-8
     relative; int8: scale / 2 per value, plus the float32 roundings of the decode: scale =
     max|x| / 127 is off by U relative and q * scale rounds once, each at most U * 127 *
@@ -53,7 +56,7 @@ def test_round_trip_equals_duet_generate(client, loaded, binary):
         assert doc["version"] == loaded.version and doc["rows"] == n
         assert [entry["path"] for entry in doc["layout"]] == list(spec.paths)
         for got, ref in zip(doc["heads"], want, strict=True):
-            np.testing.assert_array_equal(got, ref)
+            tol.assert_within(got, ref, heads_atol(), "float32 heads")
         for fmt in ("bfloat16", "int8"):
             doc = api.generate(ids=seq, fmt=fmt)
             head = codec.to_head(spec, doc["heads"], fmt)

@@ -47,15 +47,18 @@ def serving(app, grace_s: int = 30):
 
 
 def test_fleet_over_http_equals_the_in_process_fleet(tmp_path):
-    """Same heads, so the same predictions, bit for bit: the server pads to the fleet's
-    min_bucket (64), so both generate in buckets of at least 64 rows with the same
-    (folded-bias) program; every row of a batched call is computed on its own."""
+    """Same heads, so the same predictions, bit for bit: the fleet's cloud and the server
+    both generate in calls of exactly 64 rows (min_bucket = max_bucket = the server's
+    max_batch), so both run the same compiled program on the same rows. (With calls of
+    other sizes XLA may block a matmul differently: on an AVX2 CPU heads then differ by a
+    float32 rounding, 2e-8.)"""
     config = tiny_config()
     data = experiment.load_data(config)
     run_dir = str(tmp_path / "duet")
     write_run(run_dir, "sasrec", num_items=data.num_items, seq_len=config.seq_len, seed=5)
     run = load_run(run_dir)
-    fc = FleetConfig(progress=False, min_bucket=64, score_batch_size=128, base=False,
+    fc = FleetConfig(progress=False, min_bucket=64, max_bucket=64, score_batch_size=128,
+                     base=False,
                      policies=("every_round", "every_k_items"), formats=("float32", "int8"))
     streams = build_streams(data.test, num_rounds=3)
     local = Simulator(streams, run.duet, run.params, fc)
