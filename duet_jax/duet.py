@@ -189,12 +189,10 @@ class Duet:
         Leave it on except over a mesh of several devices, where ordering the rows would
         move them between shards."""
         gen = self.generator
-        n = seq.shape[0]
-        chunked = isinstance(n, int) and n > ENCODE_CHUNK and n % ENCODE_CHUNK == 0
-        if not (by_length and self.model.cuts_trailing_padding and "params" in prepared
+        if not (by_length and self.model.cuts_trailing_padding
                 and ("projected" in prepared or "features" in prepared)):
             z = in_chunks(lambda s: self._encode_prepared(prepared, s), seq)
-        elif chunked:
+        elif splits_into_chunks(seq.shape[0], ENCODE_CHUNK):
             order = jnp.argsort(steps_needed(seq), stable=True)
             z_sorted = in_chunks(lambda s: self._encode_cut(prepared, s), seq[order])
             z = jnp.zeros_like(z_sorted).at[order].set(z_sorted, unique_indices=True)
@@ -247,6 +245,12 @@ class Duet:
         return self.model.apply(params["backbone"], heads, batch)
 
 
+def splits_into_chunks(n: Any, chunk: int) -> bool:
+    """Whether :func:`in_chunks` runs ``n`` rows in chunks of ``chunk``: ``n`` a static
+    multiple of ``chunk`` above it (a symbolic ``n``, ``jax.export``'s batch, never is)."""
+    return isinstance(n, int) and n > chunk and n % chunk == 0
+
+
 def in_chunks(fn: Callable[..., Any], *rows: Array, chunk: int | None = None) -> Any:
     """``fn(*rows)`` for arrays sharing a leading axis of ``n`` rows, computed ``chunk`` rows
     at a time (``lax.map``, default :data:`ENCODE_CHUNK`) when ``n`` is a static multiple of
@@ -255,7 +259,7 @@ def in_chunks(fn: Callable[..., Any], *rows: Array, chunk: int | None = None) ->
     numbers either way, with a smaller working set. A symbolic ``n`` (``jax.export``'s
     batch) cannot be compared, so it runs in one call."""
     n, chunk = rows[0].shape[0], chunk or ENCODE_CHUNK
-    if not (isinstance(n, int) and n > chunk and n % chunk == 0):
+    if not splits_into_chunks(n, chunk):
         return fn(*rows)
     split = tuple(r.reshape(n // chunk, chunk, *r.shape[1:]) for r in rows)
     out = jax.lax.map(lambda xs: fn(*xs), split)

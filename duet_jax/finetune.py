@@ -305,6 +305,15 @@ def uses_local_items(model: DeviceModel, mode: str) -> bool:
     return mode == "all" and bool(model.item_tables)
 
 
+def group_inputs(model: DeviceModel, mode: str, *batches: dict
+                 ) -> tuple[np.ndarray | None, tuple[dict, ...]]:
+    """``(item_rows, batches)`` for a group's fine-tuning: :func:`local_items` where
+    :func:`uses_local_items`, else ``(None, batches)`` unchanged."""
+    if uses_local_items(model, mode):
+        return local_items(*batches)
+    return None, batches
+
+
 def _local_tables(model: DeviceModel, params: dict, item_rows: Array) -> dict:
     """``params`` with each of the model's item tables cut to the rows ``item_rows [V]``."""
     backbone = dict(params["backbone"])
@@ -431,12 +440,9 @@ def run_stage(model: DeviceModel, params: dict, stage: Stage, config: FinetuneCo
     first = len(schedule) - len(tuned)
     groups = stage_groups(stage, config.group_size, config.num_samples)
     total = -(-len(stage.devices) // config.group_size)
-    local = uses_local_items(model, config.params)
     for _, count, tune, evaluate, index in tqdm(groups, total=total, desc=desc, unit="group",
                                                 disable=not config.progress, leave=False):
-        item_rows = None
-        if local:
-            item_rows, (tune, evaluate) = local_items(tune, evaluate)
+        item_rows, (tune, evaluate) = group_inputs(model, config.params, tune, evaluate)
         logits = np.asarray(finetune_and_score(model, config.params, trainable, fixed, tune,
                                                evaluate, jnp.float32(learning_rate), tuned,
                                                item_rows))
@@ -451,13 +457,10 @@ def time_adaptation(model: DeviceModel, params: dict, stage: Stage, config: Fine
     the stage's first ``max_groups`` groups (every group has the same ``[G, S]`` shape, so a
     few represent all; timing each of a large dataset's devices would cost another stage)."""
     trainable, fixed = _split_params(params, config.params)
-    local = uses_local_items(model, config.params)
     batches = []
     for _, count, tune, _, _ in itertools.islice(
             stage_groups(stage, config.group_size, config.num_samples), max_groups):
-        rows = None
-        if local:
-            rows, (tune,) = local_items(tune)
+        rows, (tune,) = group_inputs(model, config.params, tune)
         batches.append((count, tune, rows))
     if not batches:
         return float("nan")

@@ -32,7 +32,6 @@ def init(rng: Array, config: ModelConfig) -> dict:
     return {"backbone": backbone, "head": head}
 
 
-
 # the item table is read only as layers.embed at click_seq and target ids: all-parameter
 # fine-tuning may carry the rows a device reads alone (models/__init__.py)
 ITEM_TABLES = ("item_embedding",)
