@@ -13,7 +13,7 @@ import dataclasses
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -53,6 +53,23 @@ def compile_timed(fn: Callable, *args, **jit_kwargs) -> tuple[Any, float]:
     started = time.perf_counter()
     compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
     return compiled, time.perf_counter() - started
+
+
+def pipelined_pass(compiled: Callable, args_per_call: Iterable[tuple]) -> Callable[[], None]:
+    """A pass that calls ``compiled`` on every ``args_per_call`` entry, keeping one call in
+    flight while the next is dispatched (the host prepares call i+1 while call i runs), and
+    blocks on the last (results discarded). A one-shot iterable (a generator) makes a pass
+    that runs once."""
+    def run():
+        previous = None
+        for args in args_per_call:
+            out = compiled(*args)
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = out
+        jax.block_until_ready(previous)
+
+    return run
 
 
 def time_pass(run_pass: Callable[[], Any], repeats: int, compile_s: float = 0.0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -87,7 +87,7 @@ class Bench:
         (one call kept in flight while the next is dispatched; results discarded)."""
         compiled, compile_s = self.compile(fn, *compile_args)
         return self._measure(
-            _pipelined(compiled, args_per_call), compiled, compile_s,
+            timing.pipelined_pass(compiled, args_per_call), compiled, compile_s,
             warmup=lambda: jax.block_until_ready(compiled(*args_per_call[0])),
             matmul=lambda: timing.matmul_flops(fn, *compile_args))
 
@@ -194,7 +194,7 @@ class Bench:
         compiled, compile_s = self.compile(call, args, self.key, np.int32(0))
         jax.block_until_ready(compiled(args, self.key, np.int32(0)))  # warm
         # the call arguments made as the pass goes (nothing per device held beforehand)
-        run = _pipelined(compiled, ((args, self.key, np.int32(i)) for i in tqdm(
+        run = timing.pipelined_pass(compiled, ((args, self.key, np.int32(i)) for i in tqdm(
             range(calls), desc=f"{model} streamed N={n:,}", unit="call",
             disable=not c.progress or calls < 1000, leave=False)))
         timing.reset_peak_rss()
@@ -262,7 +262,7 @@ class Bench:
         duet, params = self.duet(model)
         batches = self.batches(n, self.config.batch_size)
         compiled, _ = self.compile(duet.generate, params, batches[0])
-        vmap_pass = _pipelined(compiled, [(params, b) for b in batches])
+        vmap_pass = timing.pipelined_pass(compiled, [(params, b) for b in batches])
         vmap_pass()  # warm-up (the loop's function is warm already)
         loop_s, vmap_s = [], []
         order = [(loop_pass, loop_s), (vmap_pass, vmap_s)]
@@ -305,7 +305,7 @@ class Bench:
                          vector_width: int | None = None) -> Callable[[], None]:
         _, fn, args = self.generator_fn(model, encoder=encoder, prepared=prepared)
         compiled, _ = self.compile(fn, args, batches[0], vector_width=vector_width)
-        return _pipelined(compiled, [(args, b) for b in batches])
+        return timing.pipelined_pass(compiled, [(args, b) for b in batches])
 
     def encoders(self, model: str, n: int, batch: int) -> list[dict]:
         """Generation with each opt-in encoder against the default GRU on the same ``n``
@@ -370,30 +370,36 @@ class Bench:
         lr = jnp.float32(ft.learning_rate)
         groups = -(-ft.devices // group)
         rows = self.tune_rows(groups * group)
-        vmapped = [jax.device_put(jax.tree.map(lambda x, g=g: x[g * group:(g + 1) * group], rows))
-                   for g in range(groups)]
-        singles = [jax.device_put(jax.tree.map(lambda x, d=d: x[d:d + 1], rows))
-                   for d in range(ft.loop_devices)]
+        # each group's (item_rows, rows) as the library fine-tunes it: in "all" mode a device
+        # carries only the item rows it reads (finetune.group_inputs), padded to one width so
+        # that one compiled function serves every group
+        vmapped = _group_inputs(duet.model, ft.params, [
+            jax.tree.map(lambda x, g=g: x[g * group:(g + 1) * group], rows)
+            for g in range(groups)])
+        singles = _group_inputs(duet.model, ft.params, [
+            jax.tree.map(lambda x, d=d: x[d:d + 1], rows) for d in range(ft.loop_devices)])
+        single = (head, backbone, singles[0][0], lr, singles[0][1])  # compile / warm-up args
         out = [self.generation(model, ft.devices, group) | {"case": "duet_adapt"}]
         for steps in ft.steps:
             fn = functools.partial(_finetune, duet.model, ft.params, steps)
-            measured = self.time(fn, [(head, backbone, b, lr) for b in vmapped],
-                                 (head, backbone, vmapped[0], lr))
+            measured = self.time(fn, [(head, backbone, b, lr, r) for b, r in vmapped],
+                                 (head, backbone, vmapped[0][0], lr, vmapped[0][1]))
             out.append(self.case("finetune_vmap", model, ft.devices, group, measured,
                                  steps=steps, group_size=group, rows_per_device=ft.num_samples,
-                                 params=ft.params, padded_devices=groups * group))
-            compiled, compile_s = self.compile(fn, head, backbone, singles[0], lr)
+                                 params=ft.params, padded_devices=groups * group,
+                                 local_item_rows=_width(vmapped[0][1])))
+            compiled, compile_s = self.compile(fn, *single)
 
             def run(compiled=compiled):
-                for b in singles:
-                    jax.block_until_ready(compiled(head, backbone, b, lr))
+                for b, r in singles:
+                    jax.block_until_ready(compiled(head, backbone, b, lr, r))
 
             out.append(self._timed_loop(
                 "finetune_loop", model, ft.loop_devices, run, compiled, compile_s,
-                lambda compiled=compiled: jax.block_until_ready(
-                    compiled(head, backbone, singles[0], lr)),
-                lambda fn=fn: timing.matmul_flops(fn, head, backbone, singles[0], lr),
-                steps=steps, group_size=1, rows_per_device=ft.num_samples, params=ft.params))
+                lambda compiled=compiled: jax.block_until_ready(compiled(*single)),
+                lambda fn=fn: timing.matmul_flops(fn, *single),
+                steps=steps, group_size=1, rows_per_device=ft.num_samples, params=ft.params,
+                local_item_rows=_width(singles[0][1])))
         return out
 
     # ---------------------------------------------------------------- scaling
@@ -436,25 +442,29 @@ def _paired_row(kind: str, model: str, n: int, batch: int, times: dict[str, list
                                         "max": max(ratios), "per_round": ratios}}
 
 
-def _pipelined(compiled, args_per_call: Iterable[tuple]) -> Callable[[], None]:
-    """A pass that calls ``compiled`` on every ``args_per_call`` entry, keeping one call in
-    flight while the next is dispatched, and blocks on the last (results discarded). A
-    one-shot iterable (a generator) makes a pass that runs once."""
-    def run():
-        previous = None
-        for args in args_per_call:
-            out = compiled(*args)
-            if previous is not None:
-                jax.block_until_ready(previous)
-            previous = out
-        jax.block_until_ready(previous)
-
-    return run
-
-
-def _finetune(model, mode, steps, trainable, fixed, tune_batch, lr):
+def _finetune(model, mode, steps, trainable, fixed, tune_batch, lr, item_rows=None):
     """``finetune_params`` with the fixed arguments first, for ``functools.partial``."""
-    return finetune.finetune_params(model, mode, trainable, fixed, tune_batch, lr, steps)
+    return finetune.finetune_params(model, mode, trainable, fixed, tune_batch, lr, steps,
+                                    item_rows)
+
+
+def _width(item_rows) -> int | None:
+    """Item rows a fine-tuned device carries (``item_rows [G, V]``: V); None: the table."""
+    return None if item_rows is None else int(item_rows.shape[1])
+
+
+def _group_inputs(model, mode: str, groups: list[dict]) -> list[tuple[Any, Any]]:
+    """``[(rows, item_rows)]`` placed on the device, one per group of ``groups``, as
+    :func:`duet_jax.finetune.group_inputs` makes them (``item_rows`` None where fine-tuning
+    reads the whole item table), every ``item_rows`` padded with 0 (padding's row, which no
+    renumbered id names) to the widest group's width: one shape, one compilation."""
+    made = [finetune.group_inputs(model, mode, g) for g in groups]
+    if made[0][0] is None:
+        return [(jax.device_put(batch), None) for _, (batch,) in made]
+    width = max(item_rows.shape[1] for item_rows, _ in made)
+    return [(jax.device_put(batch),
+             jax.device_put(np.pad(item_rows, ((0, 0), (0, width - item_rows.shape[1])))))
+            for item_rows, (batch,) in made]
 
 
 def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:

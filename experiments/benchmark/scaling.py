@@ -72,15 +72,7 @@ def measure(model: str, num_items: int, seq_len: int, embed_dim: int, devices: i
     fn = sharding.sharded_generate(duet, mesh).lower(params, batches[0]).compile()
     compile_s = time.perf_counter() - started
 
-    def run():
-        previous = None
-        for b in batches:  # keep one call in flight while the next is dispatched
-            out = fn(params, b)
-            if previous is not None:
-                jax.block_until_ready(previous)
-            previous = out
-        jax.block_until_ready(previous)
-
+    run = timing.pipelined_pass(fn, [(params, b) for b in batches])
     result = timing.time_pass(run, repeats, compile_s,
                               warmup=lambda: jax.block_until_ready(fn(params, batches[0])))
     # What was generated, reduced over every accelerator (of every process): equal, up to

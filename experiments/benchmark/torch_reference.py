@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duet_jax import duet as duet_lib
+from duet_jax import timing
 from duet_jax.duet import Duet
 from duet_jax.models import layers
 
@@ -213,17 +214,7 @@ def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
     def our_pass(fn, args):
         compiled = jax.jit(fn, compiler_options=compiler_options or None).lower(
             args, *jax_in[0]).compile()
-
-        def run():
-            previous = None
-            for sb, ub in jax_in:  # one call in flight while the next is dispatched
-                out = compiled(args, sb, ub)
-                if previous is not None:
-                    jax.block_until_ready(previous)
-                previous = out
-            jax.block_until_ready(previous)
-
-        return run
+        return timing.pipelined_pass(compiled, [(args, sb, ub) for sb, ub in jax_in])
 
     return torch_pass, {name: our_pass(fn, args) for name, (fn, args) in ours.items()}
 

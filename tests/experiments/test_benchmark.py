@@ -10,10 +10,16 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
+from duet_jax import finetune
+from duet_jax.models import ModelConfig, get_model
 from experiments import cli
+from experiments.benchmark import cases
 from experiments.benchmark.plots import plot
 from experiments.benchmark.summary import summarise
 
@@ -235,3 +241,38 @@ def test_summary_reports_every_torch_head_and_keeps_sasrec_as_the_headline():
     by_model = out["torch_reference_by_model"]
     assert {m: r["speedup_at_torch_best_batch"] for m, r in by_model.items()} == {
         "din": 1.5, "sasrec": 3.2}
+
+
+def test_all_parameter_fine_tuning_case_carries_each_devices_own_rows_at_one_width():
+    # the adaptation case times what the library runs: each device's own item rows
+    # (finetune.group_inputs), every group padded to one width so one compilation serves all
+    model = get_model("sasrec", ModelConfig(num_items=300, seq_len=6, embed_dim=8))
+    rng = np.random.default_rng(0)
+
+    def rows(n, high):  # n devices of 4 rows, ids below ``high``: few ids -> narrow tables
+        return {"click_seq": rng.integers(0, high, (n, 4, 6), dtype=np.int32),
+                "target": rng.integers(1, high, (n, 4), dtype=np.int32),
+                "label": rng.integers(0, 2, (n, 4)).astype(np.float32),
+                "weight": np.ones((n, 4), np.float32)}
+
+    groups = [rows(2, 12), rows(2, 300)]  # widths 16 and 64 before padding
+    made = cases._group_inputs(model, "all", groups)
+    widths = {finetune.local_items(g)[0].shape[1] for g in groups}
+    assert len(widths) == 2 and {r.shape[1] for _, r in made} == {max(widths)}
+    assert all(r is None for _, r in cases._group_inputs(model, "head", groups))
+    # padding the narrow group's rows with 0 changes nothing it computes
+    base = model.init(jax.random.key(1))
+    own_rows, (own,) = finetune.local_items(groups[0])
+    narrow = cases._finetune(model, "all", 3, base, None, own, jnp.float32(1e-2), own_rows)
+    padded = cases._finetune(model, "all", 3, base, None, made[0][0], jnp.float32(1e-2),
+                             made[0][1])
+    # the same operations on the same rows; the table's gradient is scattered into a wider
+    # array, which may sum in another order: a parameter moves at most lr per Adam step,
+    # and two orders change a step by a float32 rounding of it (1e-3 of lr is far above that)
+    for a, b in zip(jax.tree.leaves(narrow["head"]), jax.tree.leaves(padded["head"]),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=3 * 1e-2 * 1e-3)
+    width = own_rows.shape[1]
+    np.testing.assert_allclose(np.asarray(padded["backbone"]["item_embedding"])[:, :width],
+                               np.asarray(narrow["backbone"]["item_embedding"]),
+                               rtol=0, atol=3 * 1e-2 * 1e-3)
