@@ -285,7 +285,10 @@ def test_local_items_renumber_each_devices_own_ids(setup):
         np.testing.assert_array_equal(tune[f], before[f])  # the input is not renumbered
 
 
-@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "din"])
+# one model in the default run (the renumbering is model-agnostic: ITEM_ID_FIELDS and
+# ITEM_TABLES); the other two (50-60 s each on 2 shared cores) in the slow run
+@pytest.mark.parametrize("name", ["sasrec", pytest.param("gru4rec", marks=pytest.mark.slow),
+                                  pytest.param("din", marks=pytest.mark.slow)])
 def test_fine_tuning_each_devices_own_item_rows_is_fine_tuning_the_whole_table(setup, name):
     data, models, params = setup
     model, base = models[name], params[name]

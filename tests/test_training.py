@@ -84,8 +84,10 @@ def _check_epoch_logs(workdir, history):
     assert sorted(_tensorboard_scalars(board)) == sorted(expected)
 
 
+# mid-epoch resumption once in the default run (DUET: the larger state); Base's in the slow run
 @pytest.mark.parametrize(
-    "method,where", [("base", "mid-epoch"), ("duet", "mid-epoch"), ("base", "epoch-end")]
+    "method,where", [pytest.param("base", "mid-epoch", marks=pytest.mark.slow),
+                     ("duet", "mid-epoch"), ("base", "epoch-end")]
 )
 def test_killed_then_resumed_run_ends_with_identical_parameters(method, where, data, tmp_path):
     config = train_config(tiny_config())  # 2 epochs, checkpoints every 7 steps and per epoch
@@ -116,7 +118,9 @@ def test_killed_then_resumed_run_ends_with_identical_parameters(method, where, d
     _check_epoch_logs(cut, resumed.history)
 
 
-@pytest.mark.parametrize("first,then,patience", [(2, 3, 0), (3, 5, 1)])
+# (3, 5, 1) also carries the patience counter across the budgets; (2, 3, 0) in the slow run
+@pytest.mark.parametrize("first,then,patience",
+                         [pytest.param(2, 3, 0, marks=pytest.mark.slow), (3, 5, 1)])
 def test_a_larger_budget_continues_the_run_exactly(first, then, patience, data, tmp_path):
     # A high learning rate, so validation does not simply improve every epoch and the kept
     # epoch and patience are exercised (on this data some epochs do get worse).
