@@ -189,3 +189,29 @@ def test_fleet_job_on_two_processes(tmp_path):
     # process 0 printed the table; process 1 printed and wrote nothing of its own
     table = "| policy | format | requests/device |"
     assert table in outs[0] and table not in outs[1] and "fleet results written" not in outs[1]
+
+
+@pytest.mark.slow
+def test_benchmark_scaling_job_on_two_processes(tmp_path):
+    """The documented multi-host benchmark command (``--config.cases=scaling``): the mesh
+    spans both processes, and process 0 alone writes the results."""
+    from tests.experiments.test_benchmark import TINY
+
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**_env(), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    outs = [tmp_path / f"p{i}" for i in range(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.benchmark", f"--workdir={outs[i]}", *TINY,
+         "--config.cases=scaling", f"--coordinator_address={address}", "--num_processes=2",
+         f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    result = json.loads((outs[0] / "benchmark.json").read_text())
+    assert result["complete"] and result["environment"]["process_count"] == 2
+    rows = [r for r in result["cases"] if r["case"] == "scaling"]
+    # one row: the mesh over both processes' accelerators (no fake devices in multi-host)
+    assert [(r["processes"], r["accelerators"], r["fake"]) for r in rows] == [(2, 2, False)]
+    assert rows[0]["devices_per_s"] > 0 and rows[0]["speedup_vs_1"] is None
+    assert not (outs[1] / "benchmark.json").exists()
