@@ -203,10 +203,14 @@ def test_frozen_decoders_never_move_under_training(decoders, moves, rows, rng):
     def loss(p):
         return optax.sigmoid_binary_cross_entropy(duet.apply(p, batch), batch["label"]).mean()
 
+    @jax.jit  # one compilation instead of op-by-op dispatch of every step (tens of seconds)
+    def step(p, s):
+        updates, s = opt.update(jax.grad(loss)(p), s, p)
+        return optax.apply_updates(p, updates), s
+
     new = params
     for _ in range(3):
-        updates, state = opt.update(jax.grad(loss)(new), state, new)
-        new = optax.apply_updates(new, updates)
+        new, state = step(new, state)
     for key, before in params["generator"]["params"].items():
         after = new["generator"]["params"][key]
         changed = any(
