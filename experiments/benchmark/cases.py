@@ -378,26 +378,27 @@ class Bench:
             for g in range(groups)])
         singles = _group_inputs(duet.model, ft.params, [
             jax.tree.map(lambda x, d=d: x[d:d + 1], rows) for d in range(ft.loop_devices)])
-        single = (head, backbone, singles[0][0], lr, singles[0][1])  # compile / warm-up args
+        # every call's arguments, made once for all k; the first of each list compiles
+        vmapped_args = [(head, backbone, b, lr, r) for b, r in vmapped]
+        single_args = [(head, backbone, b, lr, r) for b, r in singles]
         out = [self.generation(model, ft.devices, group) | {"case": "duet_adapt"}]
         for steps in ft.steps:
             fn = functools.partial(_finetune, duet.model, ft.params, steps)
-            measured = self.time(fn, [(head, backbone, b, lr, r) for b, r in vmapped],
-                                 (head, backbone, vmapped[0][0], lr, vmapped[0][1]))
+            measured = self.time(fn, vmapped_args, vmapped_args[0])
             out.append(self.case("finetune_vmap", model, ft.devices, group, measured,
                                  steps=steps, group_size=group, rows_per_device=ft.num_samples,
                                  params=ft.params, padded_devices=groups * group,
                                  local_item_rows=_width(vmapped[0][1])))
-            compiled, compile_s = self.compile(fn, *single)
+            compiled, compile_s = self.compile(fn, *single_args[0])
 
             def run(compiled=compiled):
-                for b, r in singles:
-                    jax.block_until_ready(compiled(head, backbone, b, lr, r))
+                for args in single_args:
+                    jax.block_until_ready(compiled(*args))
 
             out.append(self._timed_loop(
                 "finetune_loop", model, ft.loop_devices, run, compiled, compile_s,
-                lambda compiled=compiled: jax.block_until_ready(compiled(*single)),
-                lambda fn=fn: timing.matmul_flops(fn, *single),
+                lambda compiled=compiled: jax.block_until_ready(compiled(*single_args[0])),
+                lambda fn=fn: timing.matmul_flops(fn, *single_args[0]),
                 steps=steps, group_size=1, rows_per_device=ft.num_samples, params=ft.params,
                 local_item_rows=_width(singles[0][1])))
         return out
