@@ -124,17 +124,31 @@ def _torch_reference(cases) -> Panel:
     row = rows[0]
 
     def draw(ax):
+        sides = (("ours", "ours (duet_jax)", "o-"),
+                 ("ours_split", f"ours split over {row.get('split_accelerators')} devices",
+                  "^:"),
+                 ("torch", "authors' design (torch)", "s--"))
+        batches = set()
         for r, color in zip(rows, ("C0", "C2", "C4", "C6"), strict=False):
-            for side, label, style in (("ours", "ours (duet_jax)", "o-"),
-                                       ("torch", "authors' design (torch)", "s--")):
+            for side, label, style in sides:
+                if side not in r["sweep_devices_per_s"]:
+                    continue  # one accelerator: nothing was split
                 pts = sorted((int(b), v) for b, v in r["sweep_devices_per_s"][side].items())
+                batches.update(b for b, _ in pts)
                 ax.plot(*zip(*pts, strict=True), style, color=color,
                         label=f"{r['model']}: {label}")
-        ratios = ", ".join(f"{r['model']} {r['speedup_same_batch']['median']:.2f}x"
-                           for r in rows)
-        ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="devices / s",
+        split = any("speedup_split_same_batch" in r for r in rows)
+        ratios = (", " if not split else "\n").join(  # one line per head when split too
+            f"{r['model']} {r['speedup_same_batch']['median']:.2f}x" + (
+                f", split {r['speedup_split_same_batch']['median']:.2f}x"
+                if "speedup_split_same_batch" in r else "") for r in rows)
+        ratios = ratios if not split else "\n" + ratios
+        ax.set(xscale="log", yscale="log", xlabel="batch size B (devices per call)",
+               ylabel="devices / s",
                title=f"heads vs the PyTorch reference (torch threads {row['torch_threads']} "
                      f"of {row['threads']})\nours at torch's best B (paired): {ratios}")
+        ax.set_xticks(sorted(batches), [str(b) for b in sorted(batches)])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
 
     return draw

@@ -79,9 +79,22 @@ def summarise(cases: list[dict], config) -> dict:
         if "speedup_plain_same_batch" in t:  # Duet.generate without the prepared tables
             out["torch_reference"]["plain_speedup_at_torch_best_batch"] = (
                 t["speedup_plain_same_batch"]["median"])
+        if "speedup_split_same_batch" in t:  # each batch split over the process's devices
+            split, best = t["speedup_split_same_batch"], t["speedup_split_best_batch"]
+            out["torch_reference"].update(
+                split_accelerators=t["split_accelerators"],
+                ours_split_best_batch=t["ours_split_best_batch"],
+                split_speedup_at_torch_best_batch=split["median"],
+                split_speedup_at_torch_best_batch_range=[split["min"], split["max"]],
+                split_speedup_best_vs_best=best["median"],
+                split_speedup_best_vs_best_range=[best["min"], best["max"]])
         if t.get("torch_threads", t["threads"]) == t["threads"]:  # only with threads equal
             out["acceptance"][f"over_torch_reference_at_least_{OVER_TORCH_REFERENCE}x"] = (
                 t["speedup_same_batch"]["median"] >= OVER_TORCH_REFERENCE)
+            if "speedup_split_same_batch" in t:
+                out["acceptance"][
+                    f"split_over_torch_reference_at_least_{OVER_TORCH_REFERENCE}x"] = (
+                    t["speedup_split_same_batch"]["median"] >= OVER_TORCH_REFERENCE)
     return out
 
 

@@ -40,9 +40,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from duet_jax import duet as duet_lib
-from duet_jax import timing
+from duet_jax import sharding, timing
 from duet_jax.duet import Duet
 from duet_jax.models import layers
 
@@ -187,22 +189,34 @@ def load_ours_into(module, params: dict) -> None:
             module.b2[i].copy_(t(bias["bias"]))
 
 
+def split_over(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn(params, seq [B, L], user [B, U])`` with the ``B`` rows split over ``mesh``'s
+    accelerators, each running ``fn`` on its own ``B / mesh.size`` rows (``shard_map``: no
+    communication, the rows are independent), params replicated."""
+    rows = P(sharding.DEVICE_AXIS)
+    # check_vma=False: the encoder's scan starts from a replicated zero state and carries a
+    # per-row one; the rows never meet, so there is nothing for the check to guard
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), rows, rows), out_specs=rows,
+                         check_vma=False)
+
+
 def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
-            ours: dict[str, tuple[Callable, Any]], torch_module,
+            ours: dict[str, tuple[Callable, Any, Mesh | None]], torch_module,
             compiler_options: dict | None = None
             ) -> tuple[Callable[[], None], dict[str, Callable[[], None]]]:
     """(torch pass, {name: our pass}) over the same ``n`` devices in batches of ``batch`` (the
     last padded with empty sequences), inputs placed before timing; ``ours`` maps a name to
-    ``(fn, args)``, the function of :func:`ours_fn` and its first argument, compiled with
-    ``compiler_options`` (:func:`duet_jax.xla_options.generation_options`)."""
+    ``(fn, args, mesh)``, the function of :func:`ours_fn`, its first argument and ``None``
+    (the default accelerator) or a mesh to split each batch over (:func:`split_over`),
+    compiled with ``compiler_options`` (:func:`duet_jax.xla_options.generation_options`)."""
     import torch
 
     calls = -(-n // batch)
     s = np.zeros((calls * batch, seq.shape[1]), np.int32)
     u = np.zeros((calls * batch, user.shape[1]), np.float32)
     s[:n], u[:n] = seq[:n], user[:n]
-    jax_in = [(jax.device_put(s[i * batch:(i + 1) * batch]),
-               jax.device_put(u[i * batch:(i + 1) * batch])) for i in range(calls)]
+    host_in = [(s[i * batch:(i + 1) * batch], u[i * batch:(i + 1) * batch])
+               for i in range(calls)]
     torch_in = [(torch.from_numpy(s[i * batch:(i + 1) * batch].astype(np.int64)),
                  torch.from_numpy(u[i * batch:(i + 1) * batch])) for i in range(calls)]
 
@@ -211,12 +225,17 @@ def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
             for sb, ub in torch_in:
                 torch_module(sb, ub)
 
-    def our_pass(fn, args):
+    def our_pass(fn, args, mesh):
+        if mesh is None:
+            inputs = [jax.device_put(b) for b in host_in]
+        else:
+            fn, args = split_over(fn, mesh), sharding.replicate(args, mesh)
+            inputs = [sharding.shard_devices(b, mesh) for b in host_in]
         compiled = jax.jit(fn, compiler_options=compiler_options or None).lower(
-            args, *jax_in[0]).compile()
-        return timing.pipelined_pass(compiled, [(args, sb, ub) for sb, ub in jax_in])
+            args, *inputs[0]).compile()
+        return timing.pipelined_pass(compiled, [(args, sb, ub) for sb, ub in inputs])
 
-    return torch_pass, {name: our_pass(fn, args) for name, (fn, args) in ours.items()}
+    return torch_pass, {name: our_pass(*entry) for name, entry in ours.items()}
 
 
 def _seconds(run: Callable[[], None]) -> float:
@@ -227,7 +246,8 @@ def _seconds(run: Callable[[], None]) -> float:
 
 def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, ...],
             rounds: int, sweep_repeats: int = 2, seed: int = 0, torch_threads: int = 0,
-            prepared: dict | None = None, compiler_options: dict | None = None) -> dict:
+            prepared: dict | None = None, compiler_options: dict | None = None,
+            mesh: Mesh | None = None) -> dict:
     """Time the torch reference against ours on the ``len(seq)`` devices ``seq [N, L]``.
 
     ``torch_threads``: 0 = as many as XLA-CPU uses (the affinity mask: threads pinned
@@ -237,7 +257,12 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     ``Duet.generate`` without them is timed too, at the reference's batch, in the same
     rounds (``speedup_plain_same_batch``). Returns the sweep (seconds per pass at every
     batch size, best of ``sweep_repeats``, both sides warm), each side's best batch size
-    and the paired rounds at those. Ours compiles with ``compiler_options``."""
+    and the paired rounds at those. Ours compiles with ``compiler_options``.
+
+    ``mesh``: several accelerators of this process (on a CPU, the cores split into XLA
+    devices with ``--xla_force_host_platform_device_count``); ours is then also timed with
+    each batch split over them (:func:`split_over`), its own best batch found by the same
+    sweep, in the same paired rounds (``speedup_split_*``)."""
     import torch
 
     threads = cpu_threads()
@@ -245,24 +270,33 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     n, dim, units = len(seq), duet.model.config.embed_dim, head_units(duet)
     user = np.random.default_rng(seed + 1).normal(size=(n, units[0])).astype(np.float32)
     module = build_torch_generator(duet.model.config.num_items, dim, seed, units)
-    ours = {"ours": (ours_fn(duet, prepared is not None),
-                     params if prepared is None else prepared)}
+    fn, args = ours_fn(duet, prepared is not None), params if prepared is None else prepared
+    ours = {"ours": (fn, args, None)}
+    if mesh is not None and mesh.size > 1:
+        if any(b % mesh.size for b in batch_sizes):
+            raise ValueError(f"batch_sizes={batch_sizes}: each must be a multiple of the "
+                             f"{mesh.size} accelerators it is split over")
+        ours["ours_split"] = (fn, args, mesh)
     passes = {b: _passes(n, b, seq, user, ours, module, compiler_options)
               for b in batch_sizes}
-    sweep: dict[str, dict[int, float]] = {"torch": {}, "ours": {}}
+    sweep: dict[str, dict[int, float]] = {"torch": {}, **{name: {} for name in ours}}
     for b, (torch_pass, our_passes) in passes.items():
-        torch_pass(), our_passes["ours"]()  # warm: allocations, thread pools, caches
+        runs = [("torch", torch_pass), *our_passes.items()]
+        for _, run in runs:
+            run()  # warm: allocations, thread pools, caches
         for _ in range(sweep_repeats):  # alternate, so that load changes hit both
-            for side, run in (("torch", torch_pass), ("ours", our_passes["ours"])):
+            for side, run in runs:
                 s = _seconds(run)
                 sweep[side][b] = min(sweep[side].get(b, float("inf")), s)
-    best_torch = min(sweep["torch"], key=sweep["torch"].get)
-    best_ours = min(sweep["ours"], key=sweep["ours"].get)
-    order = [("torch", passes[best_torch][0]), ("ours_same_batch", passes[best_torch][1]["ours"]),
-             ("ours_best_batch", passes[best_ours][1]["ours"])]
+    best = {side: min(v, key=v.get) for side, v in sweep.items()}
+    best_torch = best["torch"]
+    order = [("torch", passes[best_torch][0])]
+    for name in ours:  # ours (and ours_split) at torch's best batch and at its own
+        order += [(f"{name}_same_batch", passes[best_torch][1][name]),
+                  (f"{name}_best_batch", passes[best[name]][1][name])]
     if prepared is not None:
-        _, plain = _passes(n, best_torch, seq, user, {"plain": (ours_fn(duet), params)}, module,
-                           compiler_options)
+        _, plain = _passes(n, best_torch, seq, user, {"plain": (ours_fn(duet), params, None)},
+                           module, compiler_options)
         plain["plain"]()  # warm
         order.append(("ours_plain_same_batch", plain["plain"]))
     times: dict[str, list[float]] = {name: [] for name, _ in order}
@@ -283,7 +317,7 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
         "sweep_s": {side: {str(b): s for b, s in v.items()} for side, v in sweep.items()},
         "sweep_devices_per_s": {side: {str(b): n / s for b, s in v.items()}
                                 for side, v in sweep.items()},
-        "torch_best_batch": best_torch, "ours_best_batch": best_ours,
+        "torch_best_batch": best_torch, "ours_best_batch": best["ours"],
         "seconds": times,
         "devices_per_s": {name: n / float(np.median(t)) for name, t in times.items()},
         # each round: torch seconds / our seconds (> 1: ours faster)
@@ -292,6 +326,10 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     }
     if prepared is not None:
         out["speedup_plain_same_batch"] = ratios("ours_plain_same_batch")
+    if "ours_split" in ours:
+        out.update(split_accelerators=mesh.size, ours_split_best_batch=best["ours_split"],
+                   speedup_split_same_batch=ratios("ours_split_same_batch"),
+                   speedup_split_best_batch=ratios("ours_split_best_batch"))
     return out
 
 
@@ -311,10 +349,14 @@ def case_rows(bench: Any) -> list[dict]:
         duet, params = bench.duet(model)
         prepared = bench.prepared(model)[1] if c.prepared else None
         n = c.torch_reference.devices
+        # a process with several accelerators (e.g. CPU cores as XLA devices) also splits
+        # each batch over them; a multi-host run keeps to one process's own
+        mesh = (sharding.device_mesh(devices=jax.local_devices())
+                if jax.local_device_count() > 1 else None)
         result = compare(duet, params, bench.sequences(n),
                          tuple(c.torch_reference.batch_sizes), c.paired_rounds, seed=c.seed,
                          torch_threads=c.torch_reference.threads, prepared=prepared,
-                         compiler_options=bench.compiler_options)
+                         compiler_options=bench.compiler_options, mesh=mesh)
         rows.append({"case": "torch_reference", "model": model, "num_devices": n,
                      "head_units": list(head_units(duet)),
                      "devices_per_s": result["devices_per_s"]["ours_best_batch"],

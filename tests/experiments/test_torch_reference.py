@@ -1,6 +1,11 @@
 """The PyTorch reference generator computes the same function as ours, so the benchmark's
 side-by-side timing compares like with like. Skipped where torch (benchmark-only) is absent."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from duet_jax.models import ModelConfig, get_model
 from experiments.benchmark import torch_reference
 
 torch = pytest.importorskip("torch")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _setup(n: int = 12, model: str = "sasrec"):
@@ -83,3 +89,52 @@ def test_compare_reports_paired_ratios(prepared):
         r = result[key]
         assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
         assert all(np.isfinite(r["per_round"])) and r["min"] > 0
+
+
+def _split_check() -> dict:
+    """Runs in a subprocess with 2 fake CPU devices: ours split over them (each batch half
+    on each device) against ours on one device, and the paired rounds with the split."""
+    from duet_jax import sharding
+
+    assert jax.local_device_count() == 2, jax.devices()
+    duet, params, seq, user = _setup(40)
+    tables = jax.jit(duet.prepare)(params)
+    fn = torch_reference.ours_fn(duet, prepared=True)
+    mesh = sharding.device_mesh()
+    want = np.asarray(jax.jit(fn)(tables, seq, user))
+    split = jax.jit(torch_reference.split_over(fn, mesh))
+    got = split(sharding.replicate(tables, mesh), *sharding.shard_devices((seq, user), mesh))
+    result = torch_reference.compare(duet, params, seq, (8, 16), rounds=2, sweep_repeats=1,
+                                     prepared=tables, mesh=mesh)
+    try:
+        torch_reference.compare(duet, params, seq, (8, 15), rounds=1, mesh=mesh)
+        refused = False
+    except ValueError as e:
+        refused = "multiple of the 2" in str(e)
+    return {"max_abs_diff": float(np.abs(np.asarray(got) - want).max()),
+            "max_abs": float(np.abs(want).max()), "on_both": len(got.sharding.device_set) == 2,
+            "refused_odd_batch": refused,
+            "result": {k: result.get(k) for k in (
+                "split_accelerators", "ours_split_best_batch", "speedup_split_same_batch",
+                "speedup_split_best_batch")}}
+
+
+def test_ours_split_over_two_accelerators_equals_one_and_is_timed_in_the_rounds():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    code = ("import json, tests.experiments.test_torch_reference as t; "
+            "print(json.dumps(t._split_check()))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["on_both"] and out["refused_odd_batch"]
+    # the same rows through the same float32 ops, 20 per device instead of 40 in one call:
+    # only the compiler's choice of summation order for another batch shape can differ,
+    # far inside the 1e-4 bound of the torch comparison above (same network, same sizes)
+    assert out["max_abs"] > 0.1 and out["max_abs_diff"] <= 1e-4
+    r = out["result"]
+    assert r["split_accelerators"] == 2 and r["ours_split_best_batch"] in (8, 16)
+    for key in ("speedup_split_same_batch", "speedup_split_best_batch"):
+        assert len(r[key]["per_round"]) == 2 and r[key]["min"] <= r[key]["median"] <= r[key]["max"]
+        assert r[key]["min"] > 0
