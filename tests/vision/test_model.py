@@ -64,12 +64,12 @@ def _roundings(config: VisionConfig) -> int:
                               config.head_hidden)
 
 
-def _perturbed(params, key):
-    # nonzero biases, so a misplaced bias add would show
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys, strict=True)])
+def _perturbed(params, seed: int):
+    # nonzero biases, so a misplaced bias add would show; numpy draws: jax.random's
+    # threefry compiles once per leaf shape, ~10 s of a 2-core machine for this model
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32),
+                        params)
 
 
 def test_apply_matches_numpy_reference_8x8_and_odd_size():
@@ -77,9 +77,9 @@ def test_apply_matches_numpy_reference_8x8_and_odd_size():
                 VisionConfig(image_size=7, channels=3, num_classes=4, stem_channels=3,
                              blocks=((5, 2), (6, 2)), head_hidden=4)):
         model = vision_model(cfg)
-        params = _perturbed(model.init(jax.random.key(0)), jax.random.key(1))
-        images = jax.random.uniform(jax.random.key(2), (3, cfg.image_size, cfg.image_size,
-                                                        cfg.channels))
+        params = _perturbed(model.init(jax.random.key(0)), 1)
+        images = np.random.default_rng(2).uniform(
+            size=(3, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.float32)
         # jitted: one compilation instead of one per eager op (the convolutions' taps)
         got = jax.jit(model.apply)(params["backbone"], params["head"], {"image": images})
         assert got.shape == (3, cfg.num_classes)
@@ -91,8 +91,10 @@ def test_apply_matches_numpy_reference_8x8_and_odd_size():
 def test_per_example_heads_equal_one_head_per_row():
     model = vision_model(VisionConfig(stem_channels=4, blocks=((8, 2),), head_hidden=6))
     params = model.init(jax.random.key(0))
-    heads = jax.vmap(lambda k: model.init(k)["head"])(jax.random.split(jax.random.key(1), 4))
-    images = jax.random.uniform(jax.random.key(2), (4, 8, 8, 1))
+    # 4 different heads: the init's head, perturbed 4 ways (numpy draws, see _perturbed)
+    heads = jax.tree.map(lambda *x: np.stack(x), *[_perturbed(params["head"], s)
+                                                  for s in range(4)])
+    images = np.random.default_rng(2).uniform(size=(4, 8, 8, 1)).astype(np.float32)
     apply = jax.jit(model.apply)
     got = apply(params["backbone"], heads, {"image": images})
     for b in range(4):
