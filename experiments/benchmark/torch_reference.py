@@ -28,6 +28,9 @@ is also how many cores XLA-CPU's thread pool uses. Each side is warmed up at eve
 size; a short sweep picks each side's best batch size; then ``paired_rounds`` rounds time
 the reference at its best batch, ours at the same batch and ours at its best batch, in an
 order that alternates from round to round, and report each round's ratio (median, range).
+A process with several accelerators (on a CPU, its cores as XLA devices:
+``XLA_FLAGS=--xla_force_host_platform_device_count=N``) also times ours with each batch
+split over all of them (:func:`split_over`), swept and paired the same way.
 """
 
 from __future__ import annotations
