@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from duet_jax import sharding
 from duet_jax.data.batching import bucket_size
@@ -107,13 +106,8 @@ class Cloud:
             by_length = shards == 1
             serve = lambda p, seqs: materialize(
                 duet.generate_prepared(p, seqs, by_length=by_length))
-            if self.mesh is not None:
-                # each accelerator generates its own rows (shard_map): the rows never meet,
-                # and GSPMD's partitioning of the same function was 0.56-0.69x of one device
-                # on CPU cores as devices, shard_map 1.35-1.56x (docs/benchmark.md)
-                rows = sharding.device_sharding(self.mesh).spec
-                serve = jax.shard_map(serve, mesh=self.mesh, in_specs=(P(), rows),
-                                      out_specs=rows, check_vma=False)
+            if self.mesh is not None:  # each accelerator generates its own rows
+                serve = sharding.per_row(serve, self.mesh)
             self._serve = jit(serve)
         else:
             # decoders run batched on z [n, Z], as in Duet.generate

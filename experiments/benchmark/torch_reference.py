@@ -30,7 +30,7 @@ the reference at its best batch, ours at the same batch and ours at its best bat
 order that alternates from round to round, and report each round's ratio (median, range).
 A process with several accelerators (on a CPU, its cores as XLA devices:
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``) also times ours with each batch
-split over all of them (:func:`split_over`), swept and paired the same way.
+split over all of them (:func:`duet_jax.sharding.per_row`), swept and paired the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from duet_jax import duet as duet_lib
 from duet_jax import sharding, timing
@@ -192,17 +191,6 @@ def load_ours_into(module, params: dict) -> None:
             module.b2[i].copy_(t(bias["bias"]))
 
 
-def split_over(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn(params, seq [B, L], user [B, U])`` with the ``B`` rows split over ``mesh``'s
-    accelerators, each running ``fn`` on its own ``B / mesh.size`` rows (``shard_map``: no
-    communication, the rows are independent), params replicated."""
-    rows = P(sharding.DEVICE_AXIS)
-    # check_vma=False: the encoder's scan starts from a replicated zero state and carries a
-    # per-row one; the rows never meet, so there is nothing for the check to guard
-    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), rows, rows), out_specs=rows,
-                         check_vma=False)
-
-
 def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
             ours: dict[str, tuple[Callable, Any, Mesh | None]], torch_module,
             compiler_options: dict | None = None
@@ -210,8 +198,9 @@ def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
     """(torch pass, {name: our pass}) over the same ``n`` devices in batches of ``batch`` (the
     last padded with empty sequences), inputs placed before timing; ``ours`` maps a name to
     ``(fn, args, mesh)``, the function of :func:`ours_fn`, its first argument and ``None``
-    (the default accelerator) or a mesh to split each batch over (:func:`split_over`),
-    compiled with ``compiler_options`` (:func:`duet_jax.xla_options.generation_options`)."""
+    (the default accelerator) or a mesh to split each batch over
+    (:func:`duet_jax.sharding.per_row`), compiled with ``compiler_options``
+    (:func:`duet_jax.xla_options.generation_options`)."""
     import torch
 
     calls = -(-n // batch)
@@ -232,7 +221,7 @@ def _passes(n: int, batch: int, seq: np.ndarray, user: np.ndarray,
         if mesh is None:
             inputs = [jax.device_put(b) for b in host_in]
         else:
-            fn, args = split_over(fn, mesh), sharding.replicate(args, mesh)
+            fn, args = sharding.per_row(fn, mesh, 2), sharding.replicate(args, mesh)
             inputs = [sharding.shard_devices(b, mesh) for b in host_in]
         compiled = jax.jit(fn, compiler_options=compiler_options or None).lower(
             args, *inputs[0]).compile()
@@ -264,8 +253,8 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
 
     ``mesh``: several accelerators of this process (on a CPU, the cores split into XLA
     devices with ``--xla_force_host_platform_device_count``); ours is then also timed with
-    each batch split over them (:func:`split_over`), its own best batch found by the same
-    sweep, in the same paired rounds (``speedup_split_*``)."""
+    each batch split over them (:func:`duet_jax.sharding.per_row`), its own best batch
+    found by the same sweep, in the same paired rounds (``speedup_split_*``)."""
     import torch
 
     threads = cpu_threads()

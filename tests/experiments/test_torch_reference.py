@@ -102,7 +102,7 @@ def _split_check() -> dict:
     fn = torch_reference.ours_fn(duet, prepared=True)
     mesh = sharding.device_mesh()
     want = np.asarray(jax.jit(fn)(tables, seq, user))
-    split = jax.jit(torch_reference.split_over(fn, mesh))
+    split = jax.jit(sharding.per_row(fn, mesh, 2))
     got = split(sharding.replicate(tables, mesh), *sharding.shard_devices((seq, user), mesh))
     # one batch size: the sweep's choice is tested above, this is the split's bookkeeping
     result = torch_reference.compare(duet, params, seq, (16,), rounds=2, sweep_repeats=1,
