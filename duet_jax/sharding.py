@@ -205,10 +205,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
-def head_shardings(duet: Duet, mesh: Mesh) -> Any:
-    """Out-shardings with the structure of ``duet.generate``'s output: per-device leaves
-    split, the shared low-rank factors ``U``, ``V`` replicated."""
-    split, whole = device_sharding(mesh), replicated(mesh)
+def head_specs(duet: Duet) -> Any:
+    """Partition specs with the structure of ``duet.generate``'s output: per-device leaves
+    split over the device axis, the shared low-rank factors ``U``, ``V`` replicated."""
+    split, whole = P(DEVICE_AXIS), P()
     generator = duet.generator
     return generator.spec.unflatten_leaves([
         LowRankKernel(u=whole, core=split, v=whole) if low_rank_for(shape, generator.low_rank)
@@ -217,26 +217,36 @@ def head_shardings(duet: Duet, mesh: Mesh) -> Any:
     ])
 
 
-def per_row(fn: Callable, mesh: Mesh, row_args: int = 1) -> Callable:
+def head_shardings(duet: Duet, mesh: Mesh) -> Any:
+    """:func:`head_specs` as ``NamedSharding`` s on ``mesh``: ``duet.generate``'s layout."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), head_specs(duet),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def per_row(fn: Callable, mesh: Mesh, row_args: int = 1, out_specs: Any = None) -> Callable:
     """``fn(params, *rows)`` with each of the ``row_args`` row arguments' leading axis split
     over ``mesh``, every accelerator running ``fn`` on its own rows (``shard_map``: no
-    communication), ``params`` replicated, outputs split the same way. ``fn`` must treat
-    rows independently. On CPU cores as devices this ran generation 1.35-1.56x of one device
-    where GSPMD's partitioning of the same function ran 0.56-0.69x (docs/benchmark.md)."""
+    communication), ``params`` replicated, outputs split the same way (or laid out as
+    ``out_specs`` says: ``P()`` for an output computed from ``params`` alone, identical on
+    every accelerator). ``fn`` must treat rows independently. On CPU cores as devices this
+    ran generation from prepared tables 1.35-1.56x of one device where GSPMD's partitioning
+    of the same function ran 0.56-0.69x (docs/benchmark.md)."""
     rows = P(DEVICE_AXIS)
     # check_vma=False: the encoder's scan starts from a replicated zero state and carries a
     # per-row one; the rows never meet, so there is nothing for the check to guard
-    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), *(rows,) * row_args), out_specs=rows,
-                         check_vma=False)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(), *(rows,) * row_args),
+                         out_specs=rows if out_specs is None else out_specs, check_vma=False)
 
 
 def sharded_generate(duet: Duet, mesh: Mesh, donate: bool = False) -> Callable:
-    """``jit(duet.generate)`` with ``seq [N, L]`` split over ``mesh`` and params replicated.
+    """``jit(duet.generate)`` with ``seq [N, L]`` split over ``mesh`` and params replicated:
+    each accelerator generates its own rows (:func:`per_row`); out-shardings are
+    :func:`head_shardings`.
 
     ``N`` must be a multiple of ``mesh.size`` (:func:`shard_devices` pads). ``donate`` frees
     the input sequences' buffer for the outputs (a cloud streaming batches never reuses it).
     """
-    return generation_jit(duet.generate,
+    return generation_jit(per_row(duet.generate, mesh, out_specs=head_specs(duet)),
                           in_shardings=(replicated(mesh), device_sharding(mesh)),
                           out_shardings=head_shardings(duet, mesh),
                           donate_argnums=(1,) if donate else ())

@@ -77,8 +77,13 @@ def _check() -> dict:
         per_device = [h for h, p in zip(jax.tree.leaves(heads), jax.tree.leaves(plain),
                                         strict=True) if h.shape[0] != p.shape[0]]
         gen_split = bool(per_device) and all(sharding.is_split(h, mesh) for h in per_device)
+        # the low-rank factors U, V are shared by every device: one whole copy per accelerator
+        shared = [h for h, p in zip(jax.tree.leaves(heads), jax.tree.leaves(plain),
+                                    strict=True) if h.shape[0] == p.shape[0] != n]
+        shared_whole = all(h.sharding.is_fully_replicated for h in shared)
 
-        checks = {"generate_close": bool(gen_close), "generate_split": bool(gen_split)}
+        checks = {"generate_close": bool(gen_close), "generate_split": bool(gen_split),
+                  "shared_whole": bool(shared_whole) and (len(shared) > 0) == (low_rank > 0)}
         out["models"][f"{name}/low_rank={low_rank}"] = checks
         if low_rank:
             continue  # fine-tuning does not involve the generator
