@@ -102,11 +102,10 @@ class Cloud:
             prepared = jax.jit(duet.prepare)(params)
             self._inputs = (jax.device_put(prepared, sharding.replicated(self.mesh))
                             if self.mesh is not None else prepared)
-            # ordering devices by length inside the call would move rows between shards
-            by_length = shards == 1
-            serve = lambda p, seqs: materialize(
-                duet.generate_prepared(p, seqs, by_length=by_length))
-            if self.mesh is not None:  # each accelerator generates its own rows
+            serve = lambda p, seqs: materialize(duet.generate_prepared(p, seqs))
+            # each accelerator generates its own rows, so its ordering by length (inside
+            # generate_prepared) stays within them
+            if self.mesh is not None:
                 serve = sharding.per_row(serve, self.mesh)
             self._serve = jit(serve)
         else:

@@ -186,8 +186,9 @@ class Duet:
         (``z`` is put back in the input's order), so short sequences share chunks. Padded
         positions never change ``z`` (the encoder contract), so the heads are the same
         numbers up to float summation order; the encoder's time follows the steps run.
-        Leave it on except over a mesh of several devices, where ordering the rows would
-        move them between shards."""
+        Leave it on; over a mesh of several devices, run it per accelerator
+        (:func:`duet_jax.sharding.per_row`), so that ordering the rows never moves them
+        between shards (under GSPMD partitioning it would)."""
         gen = self.generator
         if not (by_length and self.model.cuts_trailing_padding
                 and ("projected" in prepared or "features" in prepared)):

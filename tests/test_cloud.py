@@ -128,6 +128,13 @@ sharded = Cloud(duet, params, "ids", min_bucket=4, max_bucket=64)
 plain = Cloud(duet, params, "ids", min_bucket=4, max_bucket=64, mesh=None)
 a, _ = sharded.serve(seqs)
 b, _ = plain.serve(seqs)
+# 4,000 rows: a 4,096 bucket, 512 rows per accelerator, so each orders its own rows by
+# length and encodes them in two chunks (Duet.generate_prepared); rows of every length;
+# compared with plain generation
+many = rng.integers(1, 41, size=(4000, 5)).astype(np.int32)
+many[np.arange(5)[None, :] >= rng.integers(1, 6, size=(4000, 1))] = 0
+c, _ = Cloud(duet, params, "ids", max_bucket=4096).serve(many)
+d = jax.jit(duet.generate)(params, many)  # no tables, no ordering, no chunks
 out = sharded._serve(sharded._inputs, sharded._put(np.zeros((32, 5), np.int32)))
 print(json.dumps({
     "devices": jax.device_count(),
@@ -136,6 +143,9 @@ print(json.dumps({
     "max_diff": max(float(np.max(np.abs(x - y))) for x, y in
                     zip(jax.tree.leaves(a), jax.tree.leaves(b))),
     "rows": int(jax.tree.leaves(a)[0].shape[0]),
+    "max_diff_ordered": max(float(np.max(np.abs(x - y))) for x, y in
+                            zip(jax.tree.leaves(c), jax.tree.leaves(d))),
+    "rows_ordered": int(jax.tree.leaves(c)[0].shape[0]),
 }))
 """
 
@@ -152,6 +162,7 @@ def test_sharded_generation_over_8_cpu_devices_equals_unsharded():
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["devices"] == 8 and out["mesh"] == 8 and out["shards"] == 8
-    assert out["rows"] == 21
+    assert out["rows"] == 21 and out["rows_ordered"] == 4000
     # GRU4Rec's embedding is the input projection alone; 5 positions
     assert out["max_diff"] <= _heads_atol((8,), seq_len=5)
+    assert out["max_diff_ordered"] <= _heads_atol((8,), seq_len=5)
