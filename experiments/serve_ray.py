@@ -12,8 +12,12 @@ default: no Ray needed.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import signal
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 from absl import flags
@@ -30,6 +34,53 @@ _REPLICAS = flags.DEFINE_integer("replicas", 1, "Generator replicas.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "@serve.batch max_batch_size.")
 _MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 2.0, "@serve.batch batch_wait_timeout_s.")
 _CPUS = flags.DEFINE_float("cpus_per_replica", 1.0, "Ray CPUs each replica reserves.")
+_PIN = flags.DEFINE_bool(
+    "pin_cores", False, "Pin each replica to its own ceil(cpus_per_replica) cores of its node "
+    "(by the replica's local rank), so that each XLA thread pool sizes itself to them. For a "
+    "node that runs this deployment alone.")
+
+
+def replica_cores(local_rank: int, cpus_per_replica: float,
+                  available: Sequence[int]) -> list[int] | None:
+    """The cores the replica of ``local_rank`` on its node pins to: the ``local_rank``-th
+    block of ``ceil(cpus_per_replica)`` of ``available`` (sorted), or ``None`` when the
+    node's cores run out before that block."""
+    if local_rank < 0:
+        raise ValueError(f"local_rank {local_rank}: expected >= 0")
+    per = max(1, math.ceil(cpus_per_replica))
+    cores = sorted(available)[local_rank * per:(local_rank + 1) * per]
+    return cores if len(cores) == per else None
+
+
+def pin_process(cores: Sequence[int]) -> None:
+    """Every thread of this process (threads started later inherit it) onto ``cores``."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
+def _pin_this_replica(cpus_per_replica: float) -> list[int] | None:
+    """Pins this replica (before its first JAX call, so XLA's CPU thread pool is sized by
+    the pinned cores); returns the cores, or ``None`` with a warning when it cannot."""
+    from ray import serve
+
+    rank = getattr(serve.get_replica_context(), "rank", None)
+    local_rank = getattr(rank, "local_rank", None)
+    if local_rank is None or not hasattr(os, "sched_setaffinity"):
+        logging.warning("pin_cores: this Ray or platform gives no replica rank or affinity; "
+                        "the replica is not pinned")
+        return None
+    available = sorted(os.sched_getaffinity(0))
+    cores = replica_cores(local_rank, cpus_per_replica, available)
+    if cores is None:
+        logging.warning("pin_cores: replica %d needs %d cores beyond the node's %d; it is "
+                        "not pinned", local_rank, max(1, math.ceil(cpus_per_replica)),
+                        len(available))
+        return None
+    pin_process(cores)
+    return cores
 
 
 class Generator:
@@ -42,12 +93,14 @@ class Generator:
 
     def __init__(self, checkpoint: str, max_batch: int = 64, max_wait_ms: float = 2.0,
                  uploads: tuple[str, ...] = UPLOADS,
-                 formats: tuple[str, ...] = delivery.FORMATS, warm_up: bool = True):
+                 formats: tuple[str, ...] = delivery.FORMATS, warm_up: bool = True,
+                 pin_cores: bool = False, cpus_per_replica: float = 1.0):
         from ray import serve
 
         from duet_jax.serving import codec
         from duet_jax.serving.engine import Engine, load_run
 
+        self.cores = _pin_this_replica(cpus_per_replica) if pin_cores else None
         self.engine = Engine(load_run(checkpoint), max_batch=max_batch, uploads=uploads,
                              formats=formats)
         if warm_up:
@@ -61,6 +114,10 @@ class Generator:
         self._batched = serve.batch(max_batch_size=max_batch,
                                     batch_wait_timeout_s=max_wait_ms / 1e3,
                                     batch_size_fn=_rows)(self._batch)
+
+    def affinity(self) -> list[int]:
+        """The cores this replica's process may run on (what ``pin_cores`` set)."""
+        return sorted(os.sched_getaffinity(0))
 
     async def _batch(self, items: list[tuple[str, str, np.ndarray]]) -> list:
         from duet_jax.serving.batcher import leaf_rows
@@ -122,7 +179,8 @@ def deployment(checkpoint: str, replicas: int = 1, cpus_per_replica: float = 1.0
 
     return serve.deployment(Generator, name="duet_generator", num_replicas=replicas,
                             ray_actor_options={"num_cpus": cpus_per_replica},
-                            max_ongoing_requests=max_concurrent).bind(checkpoint, **kwargs)
+                            max_ongoing_requests=max_concurrent).bind(
+                                checkpoint, cpus_per_replica=cpus_per_replica, **kwargs)
 
 
 def main(argv):
@@ -139,7 +197,8 @@ def main(argv):
     ray.init(address=_ADDRESS.value)
     serve.start(http_options={"host": _HOST.value, "port": _PORT.value})
     app = deployment(_CHECKPOINT.value, _REPLICAS.value, _CPUS.value,
-                     max_batch=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT_MS.value)
+                     max_batch=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT_MS.value,
+                     pin_cores=_PIN.value)
     serve.run(app, name="duet", route_prefix="/v1/generate")
     # Ray's own handlers do not stop this driver cleanly: wait for Ctrl-C or SIGTERM here
     stop = threading.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import socket
 
 import httpx
@@ -13,6 +14,19 @@ from duet_jax.serving import codec
 from tests.serving.conftest import heads_atol
 
 pytest.importorskip("ray.serve")
+
+
+def test_replica_cores_are_disjoint_blocks_of_the_nodes_cores():
+    from experiments.serve_ray import replica_cores
+
+    available = [7, 2, 5, 3, 4]  # an affinity mask, in any order
+    assert replica_cores(0, 1, available) == [2]
+    assert replica_cores(1, 2, available) == [4, 5]  # blocks of ceil(2) after [2, 3]
+    assert replica_cores(1, 1.5, available) == [4, 5]  # 1.5 CPUs take 2 whole cores
+    assert replica_cores(0, 0.25, available) == [2]  # at least one core
+    assert replica_cores(2, 2, available) is None  # only 5 cores: no third block of 2
+    with pytest.raises(ValueError, match="local_rank -1"):
+        replica_cores(-1, 1, available)
 
 
 @pytest.mark.slow
@@ -28,8 +42,10 @@ def test_ray_serve_answers_like_the_engine(run_dir, engine):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(run_dir, max_batch=4, uploads=("ids", "z"),
-                             formats=("float32",)), name="duet", route_prefix="/v1/generate")
+        # two replicas, each pinned to its own core where the machine has two
+        handle = serve.run(deployment(run_dir, replicas=2, max_batch=4, uploads=("ids", "z"),
+                                      formats=("float32",), pin_cores=True),
+                           name="duet", route_prefix="/v1/generate")
         url = f"http://127.0.0.1:{port}/v1/generate"
         rng = np.random.default_rng(0)
         seqs = rng.integers(0, engine.num_items + 1, size=(8, engine.seq_len)).astype(np.int32)
@@ -51,6 +67,15 @@ def test_ray_serve_answers_like_the_engine(run_dir, engine):
                 np.testing.assert_allclose(got, ref, rtol=0, atol=heads_atol())
         bad = httpx.post(url, json={"ids": [-1] * engine.seq_len}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["field"] == "ids"
+
+        from experiments.serve_ray import replica_cores
+
+        seen = {tuple(handle.affinity.remote().result()) for _ in range(40)}
+        mine = sorted(os.sched_getaffinity(0))
+        if len(mine) >= 2:  # each replica on its own core: two distinct one-core masks
+            assert seen == {tuple(replica_cores(r, 1, mine)) for r in (0, 1)}, seen
+        else:  # one core: replica 1 finds no core of its own and stays unpinned
+            assert seen == {tuple(mine)}, seen
     finally:
         serve.shutdown()
         ray.shutdown()
