@@ -75,7 +75,7 @@ class Cloud:
     ):
         if upload not in UPLOADS:
             raise ValueError(f"upload {upload!r}: expected one of {UPLOADS}")
-        self.duet, self.upload = duet, upload
+        self.duet, self.upload, self.vector_width = duet, upload, vector_width
         self.mesh = default_mesh() if mesh == "auto" else mesh
         # buckets are multiples of the mesh's size: over several processes, every
         # accelerator of every process

@@ -148,7 +148,8 @@ def compare_uploads(duet: Duet, params: dict, streams: Streams, fc: FleetConfig)
     seqs = streams.seq[streams.first_event(0)[streams.first_event(0) >= 0]]
     rows, reference = [], None
     for upload in UPLOADS:
-        cloud = Cloud(duet, params, upload, fc.min_bucket, fc.max_bucket)
+        cloud = Cloud(duet, params, upload, fc.min_bucket, fc.max_bucket,
+                      vector_width=fc.vector_width)
         uploads, nbytes = cloud.device_upload(seqs)
         heads, seconds = cloud.serve(uploads)
         flat = np.asarray(duet.spec.flatten(heads, batch_ndim=1))

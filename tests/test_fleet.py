@@ -344,12 +344,20 @@ def test_recent_mean_embedding_and_distances():
     ("field", "value"),
     [("num_rounds", 0), ("policies", "every_round,sometimes"), ("formats", "float16"),
      ("threshold", -1.0), ("upload", "embedding"), ("distance", "manhattan"),
-     ("every_k", 0), ("max_bucket", 2)],
+     ("every_k", 0), ("max_bucket", 2), ("vector_width", 384), ("vector_width", True)],
 )
 def test_bad_fleet_config_names_the_field(field, value):
     fleet = ml_collections.ConfigDict({"min_bucket": 8, field: value})
     with pytest.raises(ConfigError, match=re.escape(f"config.fleet.{field}=")):
         FleetConfig.from_config(fleet)
+
+
+def test_the_cloud_compiles_with_the_fleet_configs_vector_width(world):
+    streams = build_streams(world["data"].test, 2, 4, 0)
+    for width in (0, 512):
+        sim = Simulator(streams, world["duet"], world["params"],
+                        _config(formats=("float32",), vector_width=width))
+        assert sim.cloud.vector_width == width
 
 
 def test_fleet_config_reads_comma_lists_and_rejects_unknown_fields():

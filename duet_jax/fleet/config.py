@@ -12,6 +12,7 @@ from duet_jax import delivery
 from duet_jax.cloud import UPLOADS
 from duet_jax.errors import ConfigError
 from duet_jax.fleet.policies import DISTANCES, POLICIES
+from duet_jax.xla_options import CPU_VECTOR_WIDTH, VECTOR_WIDTHS
 
 # fields a config file writes as comma-separated strings ("never,every_round")
 LIST_FIELDS = ("policies", "formats")
@@ -35,6 +36,9 @@ class FleetConfig:
     base: bool = True  # also score Base, the static cloud head
     min_bucket: int = 64  # cloud batches: powers of two in [min_bucket, max_bucket]
     max_bucket: int = 4096
+    # the cloud's generation on CPU: LLVM vector width in bits (0 = XLA's default), as
+    # experiments.serve's --cpu_vector_width; ignored on other backends
+    vector_width: int = CPU_VECTOR_WIDTH
     score_batch_size: int = 2048  # device-side scoring, rows per jitted call
     seed: int = 0  # which devices take part when num_devices < all
     progress: bool = True
@@ -57,6 +61,8 @@ class FleetConfig:
                           ("score_batch_size", 1), ("seed", 0)]:
             if not is_int(getattr(self, name)) or getattr(self, name) < low:
                 fail(name, f"an integer >= {low}")
+        if self.vector_width not in VECTOR_WIDTHS or isinstance(self.vector_width, bool):
+            fail("vector_width", f"one of {list(VECTOR_WIDTHS)} (bits; 0 = XLA's default)")
         if self.max_bucket < self.min_bucket:
             fail("max_bucket", f"an integer >= min_bucket ({self.min_bucket})")
         for name, known in [("policies", POLICIES), ("formats", delivery.FORMATS)]:

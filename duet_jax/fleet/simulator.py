@@ -58,8 +58,8 @@ class Simulator:
         self.streams, self.duet, self.params, self.config = streams, duet, duet_params, config
         self.spec = duet.spec
         self.cloud = cloud or Cloud(
-            duet, duet_params, config.upload, config.min_bucket, config.max_bucket
-        )
+            duet, duet_params, config.upload, config.min_bucket, config.max_bucket,
+            vector_width=config.vector_width)
         model = duet.model
         size = config.score_batch_size
         # The device runs its backbone on each sample once; only the head changes with the

@@ -17,7 +17,8 @@ documented there, and it checks them); the lists are comma-separated strings:
   ``drift_window``, ``distance``), never (the head of the first sync, never refreshed);
 - ``formats`` (delivery: float32, bfloat16, int8), ``upload`` (ids | z);
 - ``base`` (score the static cloud head alongside), ``min_bucket`` / ``max_bucket`` (cloud
-  batch sizes), ``score_batch_size``, ``progress``.
+  batch sizes), ``vector_width`` (the cloud's CPU vector width in bits, 0 = XLA's
+  default), ``score_batch_size``, ``progress``.
 """
 
 import ml_collections
