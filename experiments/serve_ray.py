@@ -61,9 +61,9 @@ def pin_process(cores: Sequence[int]) -> None:
             pass
 
 
-def _pin_this_replica(cpus_per_replica: float) -> list[int] | None:
+def _pin_this_replica(cpus_per_replica: float) -> None:
     """Pins this replica (before its first JAX call, so XLA's CPU thread pool is sized by
-    the pinned cores); returns the cores, or ``None`` with a warning when it cannot."""
+    the pinned cores), or leaves it unpinned with a warning when it cannot."""
     from ray import serve
 
     rank = getattr(serve.get_replica_context(), "rank", None)
@@ -71,16 +71,15 @@ def _pin_this_replica(cpus_per_replica: float) -> list[int] | None:
     if local_rank is None or not hasattr(os, "sched_setaffinity"):
         logging.warning("pin_cores: this Ray or platform gives no replica rank or affinity; "
                         "the replica is not pinned")
-        return None
+        return
     available = sorted(os.sched_getaffinity(0))
     cores = replica_cores(local_rank, cpus_per_replica, available)
     if cores is None:
-        logging.warning("pin_cores: replica %d needs %d cores beyond the node's %d; it is "
-                        "not pinned", local_rank, max(1, math.ceil(cpus_per_replica)),
+        logging.warning("pin_cores: replica %d finds no block of %s CPUs of its own among the "
+                        "node's %d cores; it is not pinned", local_rank, cpus_per_replica,
                         len(available))
-        return None
+        return
     pin_process(cores)
-    return cores
 
 
 class Generator:
@@ -100,7 +99,8 @@ class Generator:
         from duet_jax.serving import codec
         from duet_jax.serving.engine import Engine, load_run
 
-        self.cores = _pin_this_replica(cpus_per_replica) if pin_cores else None
+        if pin_cores:
+            _pin_this_replica(cpus_per_replica)
         self.engine = Engine(load_run(checkpoint), max_batch=max_batch, uploads=uploads,
                              formats=formats)
         if warm_up:
