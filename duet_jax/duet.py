@@ -194,9 +194,7 @@ class Duet:
                 and ("projected" in prepared or "features" in prepared)):
             z = in_chunks(lambda s: self._encode_prepared(prepared, s), seq)
         elif splits_into_chunks(seq.shape[0], ENCODE_CHUNK):
-            order = jnp.argsort(steps_needed(seq), stable=True)
-            z_sorted = in_chunks(lambda s: self._encode_cut(prepared, s), seq[order])
-            z = jnp.zeros_like(z_sorted).at[order].set(z_sorted, unique_indices=True)
+            z = in_length_order(lambda s: self._encode_cut(prepared, s), seq)
         else:
             z = self._encode_cut(prepared, seq)
         return gen.apply(prepared["params"]["generator"], z, method=gen.decode)
@@ -265,3 +263,16 @@ def in_chunks(fn: Callable[..., Any], *rows: Array, chunk: int | None = None) ->
     split = tuple(r.reshape(n // chunk, chunk, *r.shape[1:]) for r in rows)
     out = jax.lax.map(lambda xs: fn(*xs), split)
     return jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), out)
+
+
+def in_length_order(fn: Callable[..., Any], seq: Array, *rows: Array) -> Any:
+    """:func:`in_chunks` of ``fn(seq, *rows)`` with the rows first ordered by
+    :func:`steps_needed` (stable), the results put back in the input's order: chunks then
+    hold sequences of similar length, so a ``fn`` that cuts each chunk after its longest
+    sequence (:meth:`Duet.generate_prepared`) runs fewer steps. ``seq [n, L]``; ``rows`` share
+    its leading axis; ``fn`` must treat rows independently. The same numbers as
+    ``fn(seq, *rows)`` up to float summation order."""
+    order = jnp.argsort(steps_needed(seq), stable=True)
+    out = in_chunks(fn, seq[order], *(r[order] for r in rows))
+    return jax.tree.map(
+        lambda x: jnp.zeros_like(x).at[order].set(x, unique_indices=True), out)

@@ -203,6 +203,28 @@ def test_steps_needed_and_the_lengths_a_batch_is_cut_to():
     assert duet_lib.step_buckets(7) == (7,)
 
 
+def test_in_length_order_groups_similar_lengths_and_restores_the_order(monkeypatch):
+    monkeypatch.setattr(duet_lib, "ENCODE_CHUNK", 4)
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(0, 9, 16)
+    seq = np.where(np.arange(8) < lengths[:, None], 7, 0).astype(np.int32)
+    rows = np.arange(16, dtype=np.int32)
+
+    def fn(s, r):  # each row: its own id, and the longest trigger of the chunk it ran in
+        return r, jnp.broadcast_to(jnp.max(duet_lib.steps_needed(s)), r.shape)
+
+    back, chunk_longest = duet_lib.in_length_order(fn, jnp.asarray(seq), jnp.asarray(rows))
+    np.testing.assert_array_equal(back, rows)  # every row back in its place
+    # chunks of 4 consecutive rows in stable length order: each row's chunk ends at the
+    # 4th-shortest, 8th-shortest, ... trigger
+    order = np.argsort(lengths, kind="stable")
+    want = np.empty(16, np.int64)
+    want[order] = np.repeat(lengths[order].reshape(4, 4).max(axis=1), 4)
+    np.testing.assert_array_equal(chunk_longest, want)
+    # what the ordering is for: fewer steps in all than chunks of the input order
+    assert want.sum() < np.repeat(lengths.reshape(4, 4).max(axis=1), 4).sum()
+
+
 LONG = ModelConfig(num_items=ITEMS, seq_len=20, embed_dim=D, din_hidden=(8,))
 
 

@@ -38,6 +38,10 @@ class Bench:
 
     def __init__(self, config):
         self.config = config
+        if not (isinstance(config.min_trigger_length, int)
+                and 1 <= config.min_trigger_length <= config.seq_len):
+            raise ConfigError("config.min_trigger_length", config.min_trigger_length,
+                              f"an integer in 1..config.seq_len ({config.seq_len})")
         self.rng = np.random.default_rng(config.seed)
         self.model_config = ModelConfig(num_items=config.num_items, seq_len=config.seq_len,
                                         embed_dim=config.embed_dim)
@@ -70,7 +74,8 @@ class Bench:
         if self._seq is None or len(self._seq) < n:
             have = 0 if self._seq is None else len(self._seq)
             more = scaling.random_sequences(self.rng, n - have, self.config.seq_len,
-                                            self.config.num_items)
+                                            self.config.num_items,
+                                            self.config.min_trigger_length)
             self._seq = more if self._seq is None else np.concatenate([self._seq, more])
         return self._seq[:n]
 

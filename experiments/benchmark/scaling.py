@@ -32,9 +32,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def random_sequences(rng: np.random.Generator, n: int, seq_len: int,
-                     num_items: int) -> np.ndarray:
-    """``[n, seq_len]`` int32 item ids, right-padded with 0, lengths uniform in 1..seq_len."""
-    lengths = rng.integers(1, seq_len + 1, size=n)
+                     num_items: int, min_length: int = 1) -> np.ndarray:
+    """``[n, seq_len]`` int32 item ids, right-padded with 0, lengths uniform in
+    ``min_length..seq_len`` (``min_length = seq_len``: every trigger full)."""
+    if not 1 <= min_length <= seq_len:
+        raise ValueError(f"min_length={min_length}: expected 1..seq_len ({seq_len})")
+    lengths = rng.integers(min_length, seq_len + 1, size=n)
     seq = rng.integers(1, num_items + 1, size=(n, seq_len), dtype=np.int32)
     seq[np.arange(seq_len)[None, :] >= lengths[:, None]] = 0
     return seq

@@ -76,6 +76,17 @@ def summarise(cases: list[dict], config) -> dict:
                                            t["speedup_best_batch"]["max"]],
             "measured": "paired rounds, median of per-round ratios (torch s / ours s)",
             "ours_path": t.get("ours_path", "plain")}
+        if "trigger_steps_mean" in t:  # what ordering by length can skip: the reference
+            # runs all seq_len steps for every device
+            out["torch_reference"].update(
+                ours_ordered_by_length=t["ours_ordered_by_length"],
+                trigger_steps_mean=t["trigger_steps_mean"], seq_len=t["seq_len"])
+        for key in ("unordered", "split_unordered"):
+            if f"speedup_{key}_same_batch" in t:  # ours without ordering, same rounds
+                r = t[f"speedup_{key}_same_batch"]
+                out["torch_reference"][f"{key}_speedup_at_torch_best_batch"] = r["median"]
+                out["torch_reference"][f"{key}_speedup_at_torch_best_batch_range"] = [
+                    r["min"], r["max"]]
         if "speedup_plain_same_batch" in t:  # Duet.generate without the prepared tables
             out["torch_reference"]["plain_speedup_at_torch_best_batch"] = (
                 t["speedup_plain_same_batch"]["median"])

@@ -137,12 +137,15 @@ def build_torch_generator(num_items: int, dim: int, seed: int = 0,
     return TorchGenerator().eval()
 
 
-def ours_fn(duet: Duet, prepared: bool = False) -> Callable:
+def ours_fn(duet: Duet, prepared: bool = False, by_length: bool = False) -> Callable:
     """``(params, seq [B, L], user [B, units[0]]) -> [B, units[-1]]``: generate heads, apply
     each to its device's input vector (the head's MLP, ``tanh`` after all but the last).
     ``prepared``: ``params`` is :meth:`Duet.prepare`'s output, generation reads its tables,
     and a batch above ``ENCODE_CHUNK`` runs chunk by chunk (what a cloud serving many
-    devices does)."""
+    devices does). ``by_length`` (with ``prepared``, for a model that allows the cut): the
+    batch's devices are first ordered by trigger length (:func:`duet_jax.duet.in_length_order`),
+    as :meth:`Duet.generate_prepared` and the cloud order them, so each chunk's encoder is
+    cut after fewer steps; the outputs come back in the input's order."""
     generate = duet.generate_prepared if prepared else duet.generate
     depth = len(head_units(duet)) - 1
     activations = (jnp.tanh,) * (depth - 1) + (None,)
@@ -158,7 +161,10 @@ def ours_fn(duet: Duet, prepared: bool = False) -> Callable:
         # Each device's head is used at once, so a large batch runs in chunks of
         # ENCODE_CHUNK devices: the heads of one chunk stay in cache instead of B x 8.4 KB
         # of heads written and read back (34 MB at B = 4,096). The same numbers.
-        return duet_lib.in_chunks(lambda s, u: apply(params, s, u), seq, user)
+        run = lambda s, u: apply(params, s, u)
+        if by_length and duet.model.cuts_trailing_padding:
+            return duet_lib.in_length_order(run, seq, user)
+        return duet_lib.in_chunks(run, seq, user)
 
     return fn
 
@@ -239,7 +245,7 @@ def _seconds(run: Callable[[], None]) -> float:
 def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, ...],
             rounds: int, sweep_repeats: int = 2, seed: int = 0, torch_threads: int = 0,
             prepared: dict | None = None, compiler_options: dict | None = None,
-            mesh: Mesh | None = None) -> dict:
+            mesh: Mesh | None = None, by_length: bool = False) -> dict:
     """Time the torch reference against ours on the ``len(seq)`` devices ``seq [N, L]``.
 
     ``torch_threads``: 0 = as many as XLA-CPU uses (the affinity mask: threads pinned
@@ -254,7 +260,15 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     ``mesh``: several accelerators of this process (on a CPU, the cores split into XLA
     devices with ``--xla_force_host_platform_device_count``); ours is then also timed with
     each batch split over them (:func:`duet_jax.sharding.per_row`), its own best batch
-    found by the same sweep, in the same paired rounds (``speedup_split_*``)."""
+    found by the same sweep, in the same paired rounds (``speedup_split_*``).
+
+    ``by_length`` (with ``prepared``, for a model whose encoder may be cut after a batch's
+    longest trigger): ours orders each batch's devices by trigger length before its chunks,
+    as the cloud does (:func:`ours_fn`); the unordered path is then also timed at the
+    reference's batch in the same rounds (``speedup_unordered_same_batch``, and
+    ``speedup_split_unordered_same_batch`` over a mesh), so the part of the ratio that comes
+    from skipping padding stays visible. The reference always runs the whole padded
+    sequence, as the authors' design does."""
     import torch
 
     threads = cpu_threads()
@@ -262,7 +276,9 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     n, dim, units = len(seq), duet.model.config.embed_dim, head_units(duet)
     user = np.random.default_rng(seed + 1).normal(size=(n, units[0])).astype(np.float32)
     module = build_torch_generator(duet.model.config.num_items, dim, seed, units)
-    fn, args = ours_fn(duet, prepared is not None), params if prepared is None else prepared
+    ordered = by_length and prepared is not None and duet.model.cuts_trailing_padding
+    args = params if prepared is None else prepared
+    fn = ours_fn(duet, prepared is not None, by_length=ordered)
     ours = {"ours": (fn, args, None)}
     if mesh is not None and mesh.size > 1:
         if any(b % mesh.size for b in batch_sizes):
@@ -286,11 +302,19 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
     for name in ours:  # ours (and ours_split) at torch's best batch and at its own
         order += [(f"{name}_same_batch", passes[best_torch][1][name]),
                   (f"{name}_best_batch", passes[best[name]][1][name])]
+    extra = {}  # timed at torch's best batch only
     if prepared is not None:
-        _, plain = _passes(n, best_torch, seq, user, {"plain": (ours_fn(duet), params, None)},
-                           module, compiler_options)
-        plain["plain"]()  # warm
-        order.append(("ours_plain_same_batch", plain["plain"]))
+        extra["ours_plain_same_batch"] = (ours_fn(duet), params, None)
+    if ordered:
+        unordered = ours_fn(duet, True)
+        extra["ours_unordered_same_batch"] = (unordered, args, None)
+        if "ours_split" in ours:
+            extra["ours_split_unordered_same_batch"] = (unordered, args, mesh)
+    if extra:
+        _, more = _passes(n, best_torch, seq, user, extra, module, compiler_options)
+        for name, run in more.items():
+            run()  # warm
+            order.append((name, run))
     times: dict[str, list[float]] = {name: [] for name, _ in order}
     for r in range(rounds):
         for name, run in order if r % 2 == 0 else order[::-1]:
@@ -305,6 +329,10 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
         "num_devices": n, "threads": threads, "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "rounds": rounds,
         "ours_path": "prepared" if prepared is not None else "plain",
+        "ours_ordered_by_length": ordered,
+        # what the ordering can skip: the reference runs all L steps for every device
+        "trigger_steps_mean": float(np.mean(np.asarray(duet_lib.steps_needed(seq)))),
+        "seq_len": int(seq.shape[1]),
         "ours_compiler_options": dict(compiler_options or {}),
         "sweep_s": {side: {str(b): s for b, s in v.items()} for side, v in sweep.items()},
         "sweep_devices_per_s": {side: {str(b): n / s for b, s in v.items()}
@@ -316,8 +344,8 @@ def compare(duet: Duet, params: dict, seq: np.ndarray, batch_sizes: tuple[int, .
         "speedup_same_batch": ratios("ours_same_batch"),
         "speedup_best_batch": ratios("ours_best_batch"),
     }
-    if prepared is not None:
-        out["speedup_plain_same_batch"] = ratios("ours_plain_same_batch")
+    for name in extra:
+        out["speedup_" + name.removeprefix("ours_")] = ratios(name)
     if "ours_split" in ours:
         out.update(split_accelerators=mesh.size, ours_split_best_batch=best["ours_split"],
                    speedup_split_same_batch=ratios("ours_split_same_batch"),
@@ -348,7 +376,8 @@ def case_rows(bench: Any) -> list[dict]:
         result = compare(duet, params, bench.sequences(n),
                          tuple(c.torch_reference.batch_sizes), c.paired_rounds, seed=c.seed,
                          torch_threads=c.torch_reference.threads, prepared=prepared,
-                         compiler_options=bench.compiler_options, mesh=mesh)
+                         compiler_options=bench.compiler_options, mesh=mesh,
+                         by_length=c.torch_reference.by_length)
         rows.append({"case": "torch_reference", "model": model, "num_devices": n,
                      "head_units": list(head_units(duet)),
                      "devices_per_s": result["devices_per_s"]["ours_best_batch"],

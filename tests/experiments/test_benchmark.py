@@ -222,6 +222,23 @@ def test_sequences_drawn_on_device_follow_the_host_pool_distribution():
     assert not np.array_equal(seq, other)
 
 
+def test_trigger_lengths_start_at_the_configured_minimum():
+    from experiments.benchmark import scaling
+    from experiments.configs import benchmark as benchmark_config
+
+    rng = np.random.default_rng(0)
+    seq = scaling.random_sequences(rng, 3000, 6, 50, min_length=4)
+    lengths = (seq != 0).sum(1)
+    assert set(np.unique(lengths)) == {4, 5, 6}  # 3,000 draws of 3 values: all appear
+    full = scaling.random_sequences(rng, 100, 6, 50, min_length=6)
+    assert (full != 0).all()  # the control: every trigger full, nothing to cut
+    config = benchmark_config.get_config()
+    with config.unlocked():
+        config.min_trigger_length = config.seq_len + 1
+    with pytest.raises(cli.ConfigError, match=r"config\.min_trigger_length=31"):
+        cases.Bench(config)
+
+
 def test_summary_reports_every_torch_head_and_keeps_sasrec_as_the_headline():
     def row(model, median):
         ratio = {"median": median, "min": median - 0.1, "max": median + 0.1}

@@ -72,6 +72,11 @@ def test_torch_reference_equals_ours_with_copied_parameters(monkeypatch, model):
     monkeypatch.setattr(duet_lib, "ENCODE_CHUNK", 4)
     got = np.asarray(jax.jit(torch_reference.ours_fn(duet, prepared=True))(prepared, seq, user))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # ordered by trigger length before the chunks (the cloud's path): outputs come back in
+    # the input's order, so each still matches its own device's reference output
+    ordered = torch_reference.ours_fn(duet, prepared=True, by_length=True)
+    got = np.asarray(jax.jit(ordered)(prepared, seq, user))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("prepared", [False, True])
@@ -79,13 +84,19 @@ def test_compare_reports_paired_ratios(prepared):
     duet, params, seq, _ = _setup(40)
     tables = duet.prepare(params) if prepared else None
     result = torch_reference.compare(duet, params, seq, (8, 16), rounds=2, sweep_repeats=1,
-                                     prepared=tables)
+                                     prepared=tables, by_length=True)
     assert result["torch_best_batch"] in (8, 16) and result["ours_best_batch"] in (8, 16)
     assert result["threads"] == result["torch_threads"] >= 1
     assert result["ours_path"] == ("prepared" if prepared else "plain")
+    # ordering by length needs the prepared tables; the unordered path is then timed too
+    assert result["ours_ordered_by_length"] == prepared
+    assert result["seq_len"] == 7
+    assert result["trigger_steps_mean"] == pytest.approx(
+        float(np.mean(duet_lib.steps_needed(seq))))
     keys = ["speedup_same_batch", "speedup_best_batch"]
-    assert ("speedup_plain_same_batch" in result) == prepared
-    for key in keys + (["speedup_plain_same_batch"] if prepared else []):
+    extra = ["speedup_plain_same_batch", "speedup_unordered_same_batch"]
+    assert all((key in result) == prepared for key in extra)
+    for key in keys + (extra if prepared else []):
         r = result[key]
         assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
         assert all(np.isfinite(r["per_round"])) and r["min"] > 0
@@ -106,7 +117,7 @@ def _split_check() -> dict:
     got = split(sharding.replicate(tables, mesh), *sharding.shard_devices((seq, user), mesh))
     # one batch size: the sweep's choice is tested above, this is the split's bookkeeping
     result = torch_reference.compare(duet, params, seq, (16,), rounds=2, sweep_repeats=1,
-                                     prepared=tables, mesh=mesh)
+                                     prepared=tables, mesh=mesh, by_length=True)
     try:
         torch_reference.compare(duet, params, seq, (8, 15), rounds=1, mesh=mesh)
         refused = False
@@ -117,7 +128,7 @@ def _split_check() -> dict:
             "refused_odd_batch": refused,
             "result": {k: result.get(k) for k in (
                 "split_accelerators", "ours_split_best_batch", "speedup_split_same_batch",
-                "speedup_split_best_batch")}}
+                "speedup_split_best_batch", "speedup_split_unordered_same_batch")}}
 
 
 def test_ours_split_over_two_accelerators_equals_one_and_is_timed_in_the_rounds():
@@ -136,6 +147,7 @@ def test_ours_split_over_two_accelerators_equals_one_and_is_timed_in_the_rounds(
     assert out["max_abs"] > 0.1 and out["max_abs_diff"] <= 1e-4
     r = out["result"]
     assert r["split_accelerators"] == 2 and r["ours_split_best_batch"] == 16
-    for key in ("speedup_split_same_batch", "speedup_split_best_batch"):
+    for key in ("speedup_split_same_batch", "speedup_split_best_batch",
+                "speedup_split_unordered_same_batch"):
         assert len(r[key]["per_round"]) == 2 and r[key]["min"] <= r[key]["median"] <= r[key]["max"]
         assert r[key]["min"] > 0
