@@ -22,15 +22,19 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 _MALLOC_KEEP_FREED = flags.DEFINE_bool(
     "malloc_keep_freed", False,
-    "glibc only: serve buffers up to 32 MiB from the heap and keep freed memory in the "
-    "process (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). XLA-CPU mallocs every output; by "
-    "default glibc maps fresh pages for large ones, so a jitted function with large outputs "
-    "page-faults them on every call (DIN's heads: 17 MB per batch of 256). Costs: memory "
-    "freed is not returned to the OS.")
+    "glibc only: serve every buffer, however large, from the heap and keep freed memory in "
+    "the process (mallopt M_MMAP_MAX=0, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). XLA-CPU mallocs "
+    "every output; by default glibc maps fresh pages for large ones, so a jitted function "
+    "with large outputs page-faults them on every call (DIN's heads: 17 MB per batch of "
+    "256, 68 MB per 1,024). Costs: memory freed is not returned to the OS.")
 
 # mallopt parameters (glibc malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest allowed value on 64-bit
+# no block served by mmap: above the 32 MiB threshold glibc would still map (and page-fault)
+# every large output afresh; with 0 it grows the heap instead (falling back to mmap only
+# where the heap cannot grow)
+MMAP_MAX = 0
 TRIM_THRESHOLD_BYTES = (1 << 31) - 1
 
 
@@ -48,6 +52,7 @@ def malloc_keep_freed() -> None:
                       f"with {platform.libc_ver()[0] or 'an unknown C library'}")
     libc = ctypes.CDLL(name)
     for param, value in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+                         (_M_MMAP_MAX, MMAP_MAX),
                          (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
         if libc.mallopt(param, value) != 1:
             raise OSError(f"glibc mallopt({param}, {value}) refused")

@@ -40,6 +40,8 @@ def environment() -> dict:
         "versions": versions,
         "code": code_version(),
         "malloc_keep_freed": cli.malloc_setting(),
+        # environment settings that change speed, never results (None: unset)
+        "env": {name: os.environ.get(name) for name in ("XLA_FLAGS", "GLIBC_TUNABLES")},
     }
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from duet_jax import finetune, timing, xla_options
+from duet_jax import finetune, sharding, timing, xla_options
 from duet_jax.duet import Duet
 from duet_jax.errors import ConfigError
 from duet_jax.generator import ParameterGenerator
@@ -28,7 +28,7 @@ from experiments.benchmark import scaling, torch_reference, vision_case
 
 CASE_GROUPS = {"generation", "stages", "low_rank", "loop", "adaptation", "scaling",
                "torch_reference", "encoders", "prepared", "vector_width", "streamed",
-               "vision"}
+               "vision", "accelerators"}
 # the opt-in encoders timed against the default "gru" (case group "encoders")
 OPTIONAL_ENCODERS = ("gru_bf16", "attention")
 
@@ -349,6 +349,32 @@ class Bench:
                            vector_width=width, backend=jax.default_backend(),
                            path="prepared" if self.config.prepared else "plain")
 
+    def accelerators(self, model: str, n: int, batch: int) -> dict:
+        """Generation with each batch split over this process's accelerators (on a CPU, its
+        cores as XLA devices: ``--xla_force_host_platform_device_count``), each running the
+        generator on its own rows as the sharded cloud does (:func:`duet_jax.sharding.per_row`,
+        so with the prepared tables each orders its own rows by length), against one
+        accelerator on the same ``n`` devices, paired rounds (ratio: one accelerator's
+        seconds / the split's). A skipped row where the process has one accelerator."""
+        mesh = sharding.device_mesh(devices=jax.local_devices())
+        if mesh.size < 2:
+            return {"case": "generation_split", "model": model, "batch_size": batch,
+                    "skipped": True, "note": "one accelerator in this process: nothing to "
+                    "split over (on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)"}
+        duet, fn, args = self.generator_fn(model)
+        batches = self.batches(n, batch)
+        split_fn = sharding.per_row(fn, mesh, out_specs=sharding.head_specs(duet))
+        split_args = sharding.replicate(args, mesh)
+        split_batches = [sharding.shard_devices(np.asarray(b), mesh) for b in batches]
+        compiled, _ = self.compile(split_fn, split_args, split_batches[0])
+        times = self._paired_passes({
+            "one": self._generation_pass(model, batches),
+            "split": timing.pipelined_pass(compiled, [(split_args, b) for b in split_batches])})
+        return _paired_row("generation_split", model, n, batch, times, "one", "split",
+                           accelerators=mesh.size,
+                           path="prepared" if self.config.prepared else "plain",
+                           heads="streamed: each batch's heads discarded once computed")
+
     # ---------------------------------------------------------------- adaptation
 
     def tune_rows(self, n: int) -> dict:
@@ -488,6 +514,11 @@ def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
     if unknown:
         raise ConfigError("config.cases", c.cases,
                           f"comma-separated names from {sorted(CASE_GROUPS)}")
+    accelerators = jax.local_device_count()
+    if "accelerators" in groups and any(b % accelerators for b in c.batch_sizes):
+        raise ConfigError("config.batch_sizes", tuple(c.batch_sizes),
+                          f"multiples of this process's {accelerators} accelerators, which "
+                          "each batch is split over (case group accelerators)")
     sizes = []
     if "generation" in groups:
         sizes += [(n, c.batch_size) for n in c.num_devices]
@@ -522,6 +553,9 @@ def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
             for n in c.streamed_devices:
                 out.append((f"{m} streamed N={n:,}", lambda m=m, n=n: [
                     bench.streamed(m, n, c.streamed_batch_size)]))
+        if "accelerators" in groups:
+            out.append((f"{m} split over accelerators", lambda m=m: [
+                bench.accelerators(m, c.batch_sweep_devices, b) for b in c.batch_sizes]))
         if "vector_width" in groups:
             out.append((f"{m} CPU vector width", lambda m=m: [
                 bench.vector_width(m, c.batch_sweep_devices, b) for b in c.batch_sizes]))

@@ -170,6 +170,21 @@ def _summarise_model(cases: list[dict], config, model: str) -> dict:
         s["streamed"] = {str(c["num_devices"]): {
             "devices_per_s": c["devices_per_s"], "peak_rss_bytes": c["peak_rss_bytes"]}
             for c in streamed}
+    splits = [c for c in cases if c["case"] == "generation_split" and c["model"] == model
+              and not c.get("skipped")]
+    if splits:  # each batch split over the process's accelerators, paired with one
+        best = max(splits, key=lambda c: c["devices_per_s"])
+        s["split_over_accelerators"] = {
+            "accelerators": best["accelerators"], "best_devices_per_s": best["devices_per_s"],
+            "best_batch_size": best["batch_size"],
+            "by_batch_size": {str(c["batch_size"]): {
+                "devices_per_s": c["devices_per_s"],
+                "one_accelerator_devices_per_s": c["one_devices_per_s"],
+                "speedup_vs_one": {k: c["speedup_vs_one"][k] for k in ("median", "min", "max")}}
+                for c in splits}}
+        if model in TARGET_MODELS:
+            s["split_over_accelerators"]["target_met"] = (
+                best["devices_per_s"] >= TARGET_DEVICES_PER_S)
     widths = [c for c in cases if c["case"] == "vector_width" and c["model"] == model]
     if widths:  # paired: XLA's default seconds / ours, median and range per batch size
         s["vector_width_speedup"] = {

@@ -39,8 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
     # prepared (generation from Duet.prepare's per-item tables against Duet.generate, paired)
     # vector_width (cpu_vector_width against XLA's default 256-bit vectors, paired, each B)
     # streamed (streamed_devices heads, sequences drawn in each call: peak RSS against N)
+    # accelerators (each batch of batch_sizes split over the process's accelerators against
+    # one, paired; a CPU's cores as XLA devices with
+    # XLA_FLAGS=--xla_force_host_platform_device_count=N; skipped with one accelerator)
     config.cases = ("generation,stages,low_rank,loop,adaptation,torch_reference,encoders,"
-                    "prepared,vector_width,streamed,scaling")
+                    "prepared,vector_width,streamed,scaling,accelerators")
     # generation, encoders, torch_reference: from Duet.prepare's per-item tables, made once per
     # parameter set as the cloud does (False: Duet.generate, all work per device)
     config.prepared = True

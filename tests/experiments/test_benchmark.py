@@ -59,7 +59,7 @@ TINY = [
 GLIBC = cli.is_glibc()
 KINDS = {"generation", "encoder", "decoder", "low_rank", "loop", "duet_adapt",
          "finetune_vmap", "finetune_loop", "scaling", "torch_reference", "encoder_option",
-         "prepared", "vector_width", "streamed"}
+         "prepared", "vector_width", "streamed", "generation_split"}
 try:  # the torch reference case is benchmark-only: skipped (noted) without torch
     import torch  # noqa: F401
     TORCH = True
@@ -128,8 +128,12 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     streamed = next(c for c in cases if c["case"] == "streamed")
     assert (streamed["num_devices"], streamed["calls"], streamed["padded_devices"]) == (40, 3, 48)
     assert _positive_finite(streamed["peak_rss_bytes"]) and _positive_finite(streamed["seconds"])
+    # one accelerator in this process: the split case says so instead of timing nothing
+    split = next(c for c in cases if c["case"] == "generation_split")
+    assert split["skipped"] and "one accelerator" in split["note"]
+    assert "split_over_accelerators" not in result["summary"]["models"]["sasrec"]
     for c in cases:
-        if c["case"] == "torch_reference":
+        if c["case"] in ("torch_reference", "generation_split"):
             continue
         if c["case"] in ("encoder_option", "prepared", "vector_width", "streamed"):
             assert _positive_finite(c["devices_per_s"])
@@ -169,6 +173,42 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert set(s["streamed"]) == {"40"}
     assert set(result["summary"]["acceptance"]) >= {"vmap_vs_loop_at_least_10x",
                                                     "sequential_finetune_at_least_100x_duet"}
+
+
+@pytest.mark.slow  # a benchmark job in a subprocess with 2 fake CPU devices (~20 s)
+def test_accelerators_case_splits_each_batch_and_pairs_it_with_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path}", *TINY,
+         "--config.cases=accelerators", "--config.models=sasrec,gru4rec"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = result["cases"]
+    assert {(c["model"], c["batch_size"]) for c in rows} == {
+        (m, b) for m in ("sasrec", "gru4rec") for b in (8, 16)}
+    for c in rows:
+        assert c["case"] == "generation_split" and c["accelerators"] == 2
+        assert c["num_devices"] == 32 and c["path"] == "prepared"
+        r = c["speedup_vs_one"]
+        assert len(r["per_round"]) == 2 and r["min"] <= r["median"] <= r["max"]
+        assert _positive_finite(c["devices_per_s"]) and _positive_finite(c["one_devices_per_s"])
+    for m in ("sasrec", "gru4rec"):
+        s = result["summary"]["models"][m]["split_over_accelerators"]
+        best = max((c for c in rows if c["model"] == m), key=lambda c: c["devices_per_s"])
+        assert s["best_devices_per_s"] == best["devices_per_s"]
+        assert s["best_batch_size"] == best["batch_size"] and s["accelerators"] == 2
+        assert set(s["by_batch_size"]) == {"8", "16"} and "target_met" in s
+    # a batch size that does not split evenly is refused before any case runs
+    tiny = [a for a in TINY if not a.startswith("--config.batch_sizes=")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path / 'odd'}", *tiny,
+         "--config.cases=accelerators", "--config.batch_sizes=(8,7)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "config.batch_sizes=(8, 7) is invalid" in proc.stderr
+    assert "2 accelerators" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "odd" / "benchmark.json").exists()
 
 
 COMMITTED = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "**", "benchmark.json"),

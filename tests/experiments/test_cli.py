@@ -23,6 +23,39 @@ def test_malloc_keep_freed_is_accepted_by_glibc():
     assert proc.returncode == 0 and proc.stdout.strip() == "applied", proc.stderr[-2000:]
 
 
+# in a subprocess: malloc a block far above glibc's largest mmap threshold (32 MiB) and say
+# whether it lies in the process's [heap] mapping (brk) rather than a fresh anonymous map
+_WHERE_64MB = """
+import ctypes, ctypes.util, sys
+from experiments import cli
+if sys.argv[1] == "keep":
+    cli.malloc_keep_freed()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+address = libc.malloc(64 << 20)
+for line in open("/proc/self/maps"):
+    span, *rest = line.split()
+    lo, hi = (int(x, 16) for x in span.split("-"))
+    if lo <= address < hi:
+        print("heap" if line.rstrip().endswith("[heap]") else "mapped")
+"""
+
+
+@pytest.mark.skipif(not cli.is_glibc(), reason="glibc only")
+def test_malloc_keep_freed_serves_blocks_above_32_mib_from_the_heap():
+    where = {}
+    for mode in ("keep", "default"):
+        proc = subprocess.run([sys.executable, "-c", _WHERE_64MB, mode], cwd=ROOT,
+                              capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        where[mode] = proc.stdout.strip()
+    # glibc's default maps a 64 MiB block afresh (page-faulted on every use); with the
+    # flag it comes from the heap, whose freed pages stay in the process
+    assert where == {"keep": "heap", "default": "mapped"}
+
+
 def test_malloc_keep_freed_names_what_is_missing_elsewhere(monkeypatch):
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     with pytest.raises(OSError, match="--malloc_keep_freed needs glibc"):
@@ -32,6 +65,13 @@ def test_malloc_keep_freed_names_what_is_missing_elsewhere(monkeypatch):
 def test_environment_outside_a_command_line_run_has_no_malloc_setting():
     assert cli.malloc_setting() is None
     assert report.environment()["malloc_keep_freed"] is None
+
+
+def test_environment_records_the_speed_settings_of_the_environment(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert report.environment()["env"] == {"XLA_FLAGS": None,
+                                           "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}
 
 
 def test_shipped_config_names_resolve_to_files():
