@@ -514,11 +514,17 @@ def tasks(bench: Bench) -> list[tuple[str, Callable[[], list[dict]]]]:
     if unknown:
         raise ConfigError("config.cases", c.cases,
                           f"comma-separated names from {sorted(CASE_GROUPS)}")
+    # cases that split each batch over this process's accelerators need batch sizes that
+    # split evenly: refused here, before any case runs, rather than midway
     accelerators = jax.local_device_count()
-    if "accelerators" in groups and any(b % accelerators for b in c.batch_sizes):
-        raise ConfigError("config.batch_sizes", tuple(c.batch_sizes),
-                          f"multiples of this process's {accelerators} accelerators, which "
-                          "each batch is split over (case group accelerators)")
+    for group, field, sizes in (
+            ("accelerators", "batch_sizes", tuple(c.batch_sizes)),
+            ("torch_reference", "torch_reference.batch_sizes",
+             tuple(c.torch_reference.batch_sizes))):
+        if group in groups and any(b % accelerators for b in sizes):
+            raise ConfigError(f"config.{field}", sizes,
+                              f"multiples of this process's {accelerators} accelerators, "
+                              f"which each batch is split over (case group {group})")
     sizes = []
     if "generation" in groups:
         sizes += [(n, c.batch_size) for n in c.num_devices]

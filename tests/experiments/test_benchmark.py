@@ -209,6 +209,16 @@ def test_accelerators_case_splits_each_batch_and_pairs_it_with_one(tmp_path):
     assert proc.returncode == 2 and "config.batch_sizes=(8, 7) is invalid" in proc.stderr
     assert "2 accelerators" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "odd" / "benchmark.json").exists()
+    # so is the torch comparison's, which splits its batches over them too
+    tiny = [a for a in TINY if not a.startswith("--config.torch_reference.batch_sizes=")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", f"--workdir={tmp_path / 'odd2'}", *tiny,
+         "--config.cases=generation,torch_reference",
+         "--config.torch_reference.batch_sizes=(8,9)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config.torch_reference.batch_sizes=(8, 9) is invalid" in proc.stderr
+    assert not (tmp_path / "odd2" / "benchmark.json").exists()
 
 
 COMMITTED = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "**", "benchmark.json"),
