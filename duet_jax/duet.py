@@ -193,10 +193,8 @@ class Duet:
         if not (by_length and self.model.cuts_trailing_padding
                 and ("projected" in prepared or "features" in prepared)):
             z = in_chunks(lambda s: self._encode_prepared(prepared, s), seq)
-        elif splits_into_chunks(seq.shape[0], ENCODE_CHUNK):
-            z = in_length_order(lambda s: self._encode_cut(prepared, s), seq)
         else:
-            z = self._encode_cut(prepared, seq)
+            z = in_length_order(lambda s: self._encode_cut(prepared, s), seq)
         return gen.apply(prepared["params"]["generator"], z, method=gen.decode)
 
     def _encode_cut(self, prepared: dict, seq: Array) -> Array:
@@ -271,7 +269,10 @@ def in_length_order(fn: Callable[..., Any], seq: Array, *rows: Array) -> Any:
     hold sequences of similar length, so a ``fn`` that cuts each chunk after its longest
     sequence (:meth:`Duet.generate_prepared`) runs fewer steps. ``seq [n, L]``; ``rows`` share
     its leading axis; ``fn`` must treat rows independently. The same numbers as
-    ``fn(seq, *rows)`` up to float summation order."""
+    ``fn(seq, *rows)`` up to float summation order. Rows that make one chunk are not
+    ordered: ``fn`` runs on them as they are."""
+    if not splits_into_chunks(seq.shape[0], ENCODE_CHUNK):
+        return fn(seq, *rows)
     order = jnp.argsort(steps_needed(seq), stable=True)
     out = in_chunks(fn, seq[order], *(r[order] for r in rows))
     return jax.tree.map(
