@@ -30,6 +30,9 @@ def test_replica_cores_are_disjoint_blocks_of_the_nodes_cores():
 
 
 @pytest.mark.slow
+# ray.init starts its processes with subprocess, whose fork is followed at once by exec in
+# the child: JAX's warning about forking a multithreaded process does not apply there
+@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
 def test_ray_serve_answers_like_the_engine(run_dir, engine):
     import ray
     from ray import serve
