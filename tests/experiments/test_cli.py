@@ -23,37 +23,58 @@ def test_malloc_keep_freed_is_accepted_by_glibc():
     assert proc.returncode == 0 and proc.stdout.strip() == "applied", proc.stderr[-2000:]
 
 
-# in a subprocess: malloc a block far above glibc's largest mmap threshold (32 MiB) and say
+# in a subprocess: malloc a block of argv[2] MiB, far above glibc's largest mmap threshold
+# (32 MiB), on the main thread or on a new one (as XLA-CPU allocates its outputs), and say
 # whether it lies in the process's [heap] mapping (brk) rather than a fresh anonymous map
-_WHERE_64MB = """
-import ctypes, ctypes.util, sys
+_WHERE_BLOCK = """
+import ctypes, ctypes.util, sys, threading
 from experiments import cli
-if sys.argv[1] == "keep":
+mode, mib, thread = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if mode == "keep":
     cli.malloc_keep_freed()
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
-address = libc.malloc(64 << 20)
+found = []
+def allocate():
+    found.append(libc.malloc(mib << 20))
+if thread == "worker":
+    worker = threading.Thread(target=allocate)
+    worker.start()
+    worker.join()
+else:
+    allocate()
 for line in open("/proc/self/maps"):
     span, *rest = line.split()
     lo, hi = (int(x, 16) for x in span.split("-"))
-    if lo <= address < hi:
+    if lo <= found[0] < hi:
         print("heap" if line.rstrip().endswith("[heap]") else "mapped")
 """
 
 
+def _where(mode: str, mib: int, thread: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", _WHERE_BLOCK, mode, str(mib), thread],
+                          cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
 @pytest.mark.skipif(not cli.is_glibc(), reason="glibc only")
 def test_malloc_keep_freed_serves_blocks_above_32_mib_from_the_heap():
-    where = {}
-    for mode in ("keep", "default"):
-        proc = subprocess.run([sys.executable, "-c", _WHERE_64MB, mode], cwd=ROOT,
-                              capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        where[mode] = proc.stdout.strip()
     # glibc's default maps a 64 MiB block afresh (page-faulted on every use); with the
     # flag it comes from the heap, whose freed pages stay in the process
-    assert where == {"keep": "heap", "default": "mapped"}
+    assert {m: _where(m, 64, "main") for m in ("keep", "default")} == {
+        "keep": "heap", "default": "mapped"}
+
+
+@pytest.mark.skipif(not cli.is_glibc(), reason="glibc only")
+def test_malloc_keep_freed_serves_other_threads_blocks_above_64_mib_from_the_heap():
+    # another thread's arena is made of heaps of at most 64 MiB, so glibc maps a larger
+    # block afresh even with M_MMAP_MAX = 0; with one arena (M_ARENA_MAX = 1) it comes from
+    # the main heap. XLA-CPU allocates its outputs on such threads.
+    assert {m: _where(m, 128, "worker") for m in ("keep", "default")} == {
+        "keep": "heap", "default": "mapped"}
 
 
 def test_malloc_keep_freed_names_what_is_missing_elsewhere(monkeypatch):
