@@ -14,13 +14,20 @@ from experiments import cli, report
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _python(code: str, *args: str) -> str:
+    """What ``code`` prints, run with ``args`` in a fresh Python process from the project root
+    (malloc settings last for the whole process)."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
 @pytest.mark.skipif(not cli.is_glibc(), reason="glibc only")
 def test_malloc_keep_freed_is_accepted_by_glibc():
     # in a subprocess: the settings last for the whole process
     code = "from experiments import cli; cli.malloc_keep_freed(); print('applied')"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "applied", proc.stderr[-2000:]
+    assert _python(code) == "applied"
 
 
 # in a subprocess: malloc a block of argv[2] MiB, far above glibc's largest mmap threshold
@@ -53,11 +60,7 @@ for line in open("/proc/self/maps"):
 
 
 def _where(mode: str, mib: int, thread: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", _WHERE_BLOCK, mode, str(mib), thread],
-                          cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
+    return _python(_WHERE_BLOCK, mode, str(mib), thread)
 
 
 @pytest.mark.skipif(not cli.is_glibc(), reason="glibc only")
