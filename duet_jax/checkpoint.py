@@ -10,6 +10,12 @@ aside to ``<directory>.corrupt/<step>`` with a warning, and the newest intact st
 restored instead; with no intact step left, :class:`~duet_jax.errors.RunError` says so in one
 paragraph naming the directory. A save that runs out of disk space is a ``RunError`` naming
 the directory; the steps saved before it stay intact.
+
+When a read of a damaged step fails, orbax's other reads still in flight finish on
+tensorstore's threads after orbax has closed the asyncio loop that awaited them; each then
+raises "Event loop is closed" into ``sys.unraisablehook``, which would print a traceback
+around the one-line error. A :class:`Checkpointer` therefore installs, once per process, a
+filter that drops exactly those (:func:`ignore_late_callbacks_of_closed_loops`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
+import threading
+import traceback
 from typing import Any
 
 import jax
@@ -43,6 +52,43 @@ def _reason(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def is_late_callback_of_closed_loop(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is asyncio refusing a callback because its loop is closed: a
+    ``RuntimeError("Event loop is closed")`` raised inside ``call_soon_threadsafe``. Such a
+    callback carries a result that nobody awaits any more, so dropping it loses nothing."""
+    return (
+        isinstance(exc, RuntimeError)
+        and str(exc) == "Event loop is closed"
+        and any(frame.name == "call_soon_threadsafe"
+                for frame in traceback.extract_tb(exc.__traceback__))
+    )
+
+
+_FILTER_LOCK = threading.Lock()
+
+
+def ignore_late_callbacks_of_closed_loops() -> None:
+    """Wrap ``sys.unraisablehook`` (once per process) so that it drops the exceptions
+    :func:`is_late_callback_of_closed_loop` recognises, logged at debug level, and hands
+    every other one to the hook it wraps. The hook is process-wide by nature: the late
+    callbacks arrive on other threads, after the failed read has returned (or, for orbax's
+    metadata reads, after it logged a warning and returned nothing)."""
+    with _FILTER_LOCK:
+        wrapped = sys.unraisablehook
+        if getattr(wrapped, "_duet_drops_late_callbacks", False):
+            return
+
+        def hook(unraisable):
+            if is_late_callback_of_closed_loop(unraisable.exc_value):
+                logging.debug("dropped a late callback of a closed asyncio loop (a failed "
+                              "checkpoint restore's read finishing)")
+                return
+            wrapped(unraisable)
+
+        hook._duet_drops_late_callbacks = True  # type: ignore[attr-defined]
+        sys.unraisablehook = hook
+
+
 def _listing(failures: list[tuple[int, str]]) -> str:
     return "; ".join(f"step {step}: {reason}" for step, reason in failures)
 
@@ -51,6 +97,7 @@ class Checkpointer:
     """Save/restore ``(state pytree, meta dict)`` by step under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        ignore_late_callbacks_of_closed_loops()
         self.directory = os.path.abspath(directory)
         self._max_to_keep = max_to_keep
         self._manager = self._open()
@@ -94,6 +141,17 @@ class Checkpointer:
         if not isinstance(meta, dict):
             raise ValueError(f"the step's meta record is {type(meta).__name__}, not a dict")
         return restored.state, dict(meta)
+
+    def state_metadata(self, step: int) -> Any:
+        """The tree of the ``state`` item saved at ``step``, each leaf orbax's metadata
+        (``.shape``, ``.dtype``); no array data is read. ``ValueError`` when the step's
+        metadata cannot be read (orbax only logs that, and returns nothing)."""
+        with ocp.StandardCheckpointer() as reader:
+            meta = reader.metadata(os.path.join(self.directory, str(step), "state"))
+        tree = getattr(meta, "item_metadata", meta)
+        if tree is None:
+            raise ValueError(f"step {step} has no readable metadata of its state")
+        return tree
 
     def _set_aside(self, step: int) -> str:
         """Move an unreadable step out of the directory orbax scans; returns where to."""

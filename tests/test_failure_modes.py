@@ -1,16 +1,19 @@
 """docs/failure_modes.md, case by case: each bad input or fault gives a clear error naming
 the file, field or value, or a correct result; never a silently wrong one."""
 
+import asyncio
 import errno
 import json
 import os
+import sys
 import tracemalloc
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from duet_jax import delivery, files
+from duet_jax import checkpoint, delivery, files
 from duet_jax.checkpoint import Checkpointer
 from duet_jax.data import authors_format, datasets, raw
 from duet_jax.data.samples import SampleConfig
@@ -316,6 +319,59 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact(tmp_path, c
         with pytest.raises(RunError, match=rf"{directory}: no checkpoint step can be read "
                                            r"\(step 2: .*; step 1: .*\)"):
             ckpt.restore(_state(0))
+
+
+def _late_callback_error() -> RuntimeError:
+    """What a tensorstore read of a failed restore raises when it finishes: asyncio
+    refusing ``call_soon_threadsafe`` on the loop orbax has already closed."""
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(lambda: None)
+    except RuntimeError as err:
+        return err
+    raise AssertionError("a closed loop accepted a callback")
+
+
+def _unraisable(err: BaseException):
+    return types.SimpleNamespace(exc_type=type(err), exc_value=err,
+                                 exc_traceback=err.__traceback__, err_msg=None, object=None)
+
+
+def test_checkpoints_silence_only_the_late_callbacks_of_closed_loops(tmp_path, monkeypatch):
+    late = _late_callback_error()
+    assert checkpoint.is_late_callback_of_closed_loop(late)
+    same_words = RuntimeError("Event loop is closed")  # raised elsewhere: not recognised
+    assert not checkpoint.is_late_callback_of_closed_loop(same_words)
+    assert not checkpoint.is_late_callback_of_closed_loop(ValueError("Event loop is closed"))
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)  # restored after the test
+    directory = str(tmp_path / "checkpoints")
+    for step in (1, 2):  # wrapped once, however many checkpointers open
+        with Checkpointer(directory) as ckpt:
+            ckpt.save(step, _state(1.0), {"step": step})
+    hook = sys.unraisablehook
+    assert hook != seen.append and hook.__closure__ is not None
+    assert not any(getattr(cell.cell_contents, "_duet_drops_late_callbacks", False)
+                   for cell in hook.__closure__)
+    hook(_unraisable(late))
+    assert seen == []  # dropped
+    other = ValueError("a real problem")
+    hook(_unraisable(same_words))
+    hook(_unraisable(other))
+    assert [u.exc_value for u in seen] == [same_words, other]  # handed on, in order
+
+
+def test_a_damaged_step_has_no_readable_metadata(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    with Checkpointer(directory) as ckpt:
+        ckpt.save(1, _state(1.0), {"step": 1})
+        assert ckpt.state_metadata(1)["w"].shape == (3,)
+    _damage(directory, 1)
+    with Checkpointer(directory) as ckpt, pytest.raises(
+            ValueError, match="step 1 has no readable metadata of its state"):
+        ckpt.state_metadata(1)
 
 
 def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

@@ -96,13 +96,9 @@ def _model_config(cfg: dict, num_items: int):
     return ModelConfig(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _metadata_shapes(state_dir: str) -> dict:
-    """``best_params`` of a checkpoint's ``state`` item as a tree of shapes (no data read)."""
-    import orbax.checkpoint as ocp
-
-    meta = ocp.StandardCheckpointer().metadata(state_dir)
-    tree = getattr(meta, "item_metadata", meta)
-    return jax.tree.map(lambda x: tuple(x.shape), tree["best_params"],
+def _shapes(metadata: Any) -> dict:
+    """``best_params`` of a checkpoint's ``state`` metadata as a tree of shapes."""
+    return jax.tree.map(lambda x: tuple(x.shape), metadata["best_params"],
                         is_leaf=lambda x: hasattr(x, "shape"))
 
 
@@ -138,9 +134,8 @@ def load_run(path: str, step: int | None = None) -> LoadedRun:
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise _fail(path, "a run with at least one complete checkpoint; found none")
-        state_dir = os.path.join(ckpt_dir, str(step), "state")
         try:
-            shapes = _metadata_shapes(state_dir)
+            shapes = _shapes(ckpt.state_metadata(step))
         except Exception as err:  # orbax raises many types for a damaged step
             raise _fail(path, f"a readable checkpoint at step {step} "
                               f"({type(err).__name__}: {str(err)[:200]})") from None
