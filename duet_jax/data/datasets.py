@@ -16,7 +16,8 @@ adopted (its fingerprint recorded) when its records equal what the raw file pars
 rebuilt otherwise. Raw files with a published content
 (:data:`duet_jax.data.raw.KNOWN_FILES`) are verified before they are built from. TFDS writes a
 build under a temporary name and renames it when complete, so a failed build leaves
-nothing a later call would pick up.
+nothing a later call would pick up. Processes sharing a TFDS directory take turns on a
+dataset (a lock file in its directory): one builds it, the others then find it built.
 """
 
 from __future__ import annotations
@@ -134,31 +135,35 @@ def builder(name: str, tfds_dir: str | None = None):
 def prepare(name: str, data_dir: str | None = None, tfds_dir: str | None = None):
     """Build the dataset with TFDS unless a build of the same raw file exists; returns the
     prepared builder (module docstring: reused, rebuilt, or reused as recorded when the
-    raw files are gone)."""
-    b = builder(name, tfds_dir)
-    fingerprint = raw_fingerprint(name, data_dir)
-    if b.is_prepared():
-        stored = stored_fingerprint(b)
-        if fingerprint is None or content(stored) == content(fingerprint):
-            return b
-        if stored is None and _same_records(b, name, data_dir):
-            # built before fingerprints, from this very content: adopt it (no rebuild, so a
-            # process reading the build meanwhile is not disturbed)
-            _record(b, fingerprint)
-            return b
-        logging.warning(
-            "%s: the TFDS build in %s was made from %s, the raw file is now %s: rebuilding",
-            name, b.data_dir, content(stored) or "an unrecorded file (built before "
-            "fingerprints)", content(fingerprint))
-        shutil.rmtree(b.data_dir)
+    raw files are gone). Concurrent calls for one dataset and TFDS directory wait for each
+    other (:func:`duet_jax.files.workdir_lock` on the dataset's directory), as two TFDS
+    builds of the same dataset would collide when each renames its temporary directory."""
+    lock_dir = os.path.join(tfds_data_dir(tfds_dir), builder_class(name).name)
+    with files.workdir_lock(lock_dir, wait=True):
         b = builder(name, tfds_dir)
-    source = raw_dir(name, data_dir)
-    config = tfds.download.DownloadConfig(manual_dir=source) if source else None
-    b.download_and_prepare(download_config=config)
-    if fingerprint is None:
-        fingerprint = _download_fingerprint(builder_class(name))
-    _record(b, fingerprint)
-    return b
+        fingerprint = raw_fingerprint(name, data_dir)
+        if b.is_prepared():
+            stored = stored_fingerprint(b)
+            if fingerprint is None or content(stored) == content(fingerprint):
+                return b
+            if stored is None and _same_records(b, name, data_dir):
+                # built before fingerprints, from this very content: adopt it (no rebuild, so a
+                # process reading the build meanwhile is not disturbed)
+                _record(b, fingerprint)
+                return b
+            logging.warning(
+                "%s: the TFDS build in %s was made from %s, the raw file is now %s: rebuilding",
+                name, b.data_dir, content(stored) or "an unrecorded file (built before "
+                "fingerprints)", content(fingerprint))
+            shutil.rmtree(b.data_dir)
+            b = builder(name, tfds_dir)
+        source = raw_dir(name, data_dir)
+        config = tfds.download.DownloadConfig(manual_dir=source) if source else None
+        b.download_and_prepare(download_config=config)
+        if fingerprint is None:
+            fingerprint = _download_fingerprint(builder_class(name))
+        _record(b, fingerprint)
+        return b
 
 
 def _record(b, fingerprint: dict) -> None:

@@ -2,8 +2,11 @@
 negatives, determinism, where the build goes, that it is built once, and no partial build
 after a failure."""
 
+import concurrent.futures
 import glob
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -191,6 +194,36 @@ def test_failed_build_leaves_no_dataset_and_a_fixed_build_works(
     (raw_dir / "u.data").write_text("1\t2\t3\t874724710\n1\t3\t4\t874724711\n")
     records = datasets.load_records("movielens_100k", str(tmp_path / "raw"), tfds_dir)
     assert records[0].items.tolist() == [2, 3]
+
+
+def test_concurrent_builds_of_one_dataset_take_turns(tmp_path, real_data_dir, monkeypatch):
+    """Two callers preparing the same dataset into one empty TFDS directory (two grid
+    workers started together): one builds, the other waits and reuses the build. Without
+    the lock both generate, and the second TFDS rename fails with FileExistsError."""
+    cls = datasets.builder_class("movielens_100k")
+    original = cls._split_generators
+    lock = threading.Lock()
+    inside, most_inside, generated = [0], [0], []
+
+    def slow_generation(self, dl_manager):
+        with lock:
+            inside[0] += 1
+            most_inside[0] = max(most_inside[0], inside[0])
+            generated.append(threading.get_ident())
+        time.sleep(1.0)  # long enough for the other caller to arrive meanwhile
+        with lock:
+            inside[0] -= 1
+        return original(self, dl_manager)
+
+    monkeypatch.setattr(cls, "_split_generators", slow_generation)
+    tfds_dir = str(tmp_path / "tfds")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(datasets.load_records, "movielens_100k", real_data_dir, tfds_dir)
+                   for _ in range(2)]
+        first, second = (f.result(timeout=300) for f in futures)
+    assert most_inside[0] == 1 and len(generated) == 1  # built once, by one caller
+    assert [r.user for r in first] == [r.user for r in second]
+    assert all(np.array_equal(a.items, b.items) for a, b in zip(first, second, strict=True))
 
 
 def test_missing_data_directory_is_named(tmp_path, monkeypatch):
