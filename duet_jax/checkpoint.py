@@ -108,7 +108,9 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=self._max_to_keep, create=True, enable_async_checkpointing=False
             ),
-            item_names=("state", "meta"),
+            # handlers, not just names, so item_metadata() can read a step's metadata
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -145,12 +147,16 @@ class Checkpointer:
     def state_metadata(self, step: int) -> Any:
         """The tree of the ``state`` item saved at ``step``, each leaf orbax's metadata
         (``.shape``, ``.dtype``); no array data is read. ``ValueError`` when the step's
-        metadata cannot be read (orbax only logs that, and returns nothing)."""
-        with ocp.StandardCheckpointer() as reader:
-            meta = reader.metadata(os.path.join(self.directory, str(step), "state"))
-        tree = getattr(meta, "item_metadata", meta)
+        metadata cannot be read, naming orbax's reason where it gave one."""
+        what = f"step {step} has no readable metadata of its state"
+        try:
+            meta = self._manager.item_metadata(step)
+        except Exception as err:  # orbax raises many types for damaged files
+            raise ValueError(f"{what} ({_reason(err)})") from err
+        state = None if meta is None else meta.get("state")
+        tree = getattr(state, "tree", state)
         if tree is None:
-            raise ValueError(f"step {step} has no readable metadata of its state")
+            raise ValueError(what)
         return tree
 
     def _set_aside(self, step: int) -> str:
