@@ -71,8 +71,7 @@ def ignore_late_callbacks_of_closed_loops() -> None:
     """Wrap ``sys.unraisablehook`` (once per process) so that it drops the exceptions
     :func:`is_late_callback_of_closed_loop` recognises, logged at debug level, and hands
     every other one to the hook it wraps. The hook is process-wide by nature: the late
-    callbacks arrive on other threads, after the failed read has returned (or, for orbax's
-    metadata reads, after it logged a warning and returned nothing)."""
+    callbacks arrive on other threads, after the failed read has returned."""
     with _FILTER_LOCK:
         wrapped = sys.unraisablehook
         if getattr(wrapped, "_duet_drops_late_callbacks", False):

@@ -22,10 +22,13 @@ dataset (a lock file in its directory): one builds it, the others then find it b
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -138,32 +141,55 @@ def prepare(name: str, data_dir: str | None = None, tfds_dir: str | None = None)
     raw files are gone). Concurrent calls for one dataset and TFDS directory wait for each
     other (:func:`duet_jax.files.workdir_lock` on the dataset's directory), as two TFDS
     builds of the same dataset would collide when each renames its temporary directory."""
-    lock_dir = os.path.join(tfds_data_dir(tfds_dir), builder_class(name).name)
-    with files.workdir_lock(lock_dir, wait=True):
+    with _builders_take_turns(name, tfds_dir):
+        return _prepare(name, data_dir, tfds_dir)
+
+
+# errno values of a directory this process may not write to
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextlib.contextmanager
+def _builders_take_turns(name: str, tfds_dir: str | None) -> Iterator[None]:
+    """Hold the dataset's build lock (``TFDS_DIR/duet_<name>/.lock``, waiting for another
+    holder) for the block. A TFDS directory this process cannot write to gets no lock: it
+    cannot build there either, so there is no build to collide with, only one to read."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(files.workdir_lock(
+                os.path.join(tfds_data_dir(tfds_dir), builder_class(name).name), wait=True))
+        except OSError as err:
+            if err.errno not in _READ_ONLY:
+                raise
+        yield
+
+
+def _prepare(name: str, data_dir: str | None, tfds_dir: str | None):
+    """:func:`prepare`'s work, under the dataset's build lock."""
+    b = builder(name, tfds_dir)
+    fingerprint = raw_fingerprint(name, data_dir)
+    if b.is_prepared():
+        stored = stored_fingerprint(b)
+        if fingerprint is None or content(stored) == content(fingerprint):
+            return b
+        if stored is None and _same_records(b, name, data_dir):
+            # built before fingerprints, from this very content: adopt it (no rebuild, so a
+            # process reading the build meanwhile is not disturbed)
+            _record(b, fingerprint)
+            return b
+        logging.warning(
+            "%s: the TFDS build in %s was made from %s, the raw file is now %s: rebuilding",
+            name, b.data_dir, content(stored) or "an unrecorded file (built before "
+            "fingerprints)", content(fingerprint))
+        shutil.rmtree(b.data_dir)
         b = builder(name, tfds_dir)
-        fingerprint = raw_fingerprint(name, data_dir)
-        if b.is_prepared():
-            stored = stored_fingerprint(b)
-            if fingerprint is None or content(stored) == content(fingerprint):
-                return b
-            if stored is None and _same_records(b, name, data_dir):
-                # built before fingerprints, from this very content: adopt it (no rebuild, so a
-                # process reading the build meanwhile is not disturbed)
-                _record(b, fingerprint)
-                return b
-            logging.warning(
-                "%s: the TFDS build in %s was made from %s, the raw file is now %s: rebuilding",
-                name, b.data_dir, content(stored) or "an unrecorded file (built before "
-                "fingerprints)", content(fingerprint))
-            shutil.rmtree(b.data_dir)
-            b = builder(name, tfds_dir)
-        source = raw_dir(name, data_dir)
-        config = tfds.download.DownloadConfig(manual_dir=source) if source else None
-        b.download_and_prepare(download_config=config)
-        if fingerprint is None:
-            fingerprint = _download_fingerprint(builder_class(name))
-        _record(b, fingerprint)
-        return b
+    source = raw_dir(name, data_dir)
+    config = tfds.download.DownloadConfig(manual_dir=source) if source else None
+    b.download_and_prepare(download_config=config)
+    if fingerprint is None:
+        fingerprint = _download_fingerprint(builder_class(name))
+    _record(b, fingerprint)
+    return b
 
 
 def _record(b, fingerprint: dict) -> None:

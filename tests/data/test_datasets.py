@@ -3,6 +3,8 @@ negatives, determinism, where the build goes, that it is built once, and no part
 after a failure."""
 
 import concurrent.futures
+import contextlib
+import errno
 import glob
 import os
 import threading
@@ -224,6 +226,29 @@ def test_concurrent_builds_of_one_dataset_take_turns(tmp_path, real_data_dir, mo
     assert most_inside[0] == 1 and len(generated) == 1  # built once, by one caller
     assert [r.user for r in first] == [r.user for r in second]
     assert all(np.array_equal(a.items, b.items) for a, b in zip(first, second, strict=True))
+
+
+def test_a_tfds_directory_without_write_access_is_read_without_the_lock(
+        tmp_path, real_data_dir, monkeypatch):
+    tfds_dir = str(tmp_path / "tfds")
+    built_records = datasets.load_records("movielens_100k", real_data_dir, tfds_dir)
+
+    def refused(errno_value):
+        @contextlib.contextmanager
+        def lock(directory, wait=False):
+            raise OSError(errno_value, os.strerror(errno_value), directory)
+            yield
+
+        return lock
+
+    # a shared, read-only build (as root, chmod would not stop this test's writes)
+    monkeypatch.setattr(datasets.files, "workdir_lock", refused(errno.EROFS))
+    records = datasets.load_records("movielens_100k", real_data_dir, tfds_dir)
+    assert [r.user for r in records] == [r.user for r in built_records]
+    # any other failure to take the lock is not swallowed
+    monkeypatch.setattr(datasets.files, "workdir_lock", refused(errno.ENOSPC))
+    with pytest.raises(OSError, match="No space left"):
+        datasets.load_records("movielens_100k", real_data_dir, tfds_dir)
 
 
 def test_missing_data_directory_is_named(tmp_path, monkeypatch):
