@@ -14,17 +14,26 @@ Outputs in ``--workdir``: per cell ``cells/<dataset>/<model>/seed<k>/cell.json``
 per-user bootstrap CIs), ``lags.png`` (AUC vs sync lag) and ``drift.png`` (DUET's gain by
 drift quartile). The command resumes: finished cells are reused when their config matches,
 and an interrupted cell resumes from its checkpoints.
+
+The report covers every finished cell of the workdir, not only the cells this command was
+asked for: workers that split the grid (``--datasets``, ``--models``, ``--seeds``) in one
+workdir each leave the whole report, with the cells still missing from the rectangle of
+datasets x models x seeds they span and the reproducing command for that rectangle.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
+import itertools
 import os
+import re
 import time
 
 from absl import app, flags
 
-from duet_jax import cache
+from duet_jax import cache, files
+from duet_jax.errors import ConfigError
 from experiments import adapt_cell, adapt_report, cli, experiment, report
 from experiments import config as config_lib
 from experiments.config import apply_overrides
@@ -81,6 +90,48 @@ def cell_options() -> adapt_cell.CellOptions:
         raise app.UsageError(f"--learning_rates/--lags: {err}") from None
 
 
+def cell_path(workdir: str, dataset: str, model: str, seed: int) -> str:
+    return os.path.join(workdir, "cells", dataset, model, f"seed{seed}")
+
+
+def finished_cells(workdir: str) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """The cells of ``workdir`` that have a ``cell.json``, as ``(dataset, model, seed)``, and
+    the ones this grid cannot report (no dataset config, a model or config the code refuses,
+    a directory not named ``seed<k>``), each with the reason."""
+    found, ignored = [], []
+    for record in sorted(glob.glob(os.path.join(workdir, "cells", "*", "*", "*", "cell.json"))):
+        path = os.path.dirname(record)
+        model_dir, seed_dir = os.path.split(path)
+        dataset_dir, model = os.path.split(model_dir)
+        dataset = os.path.basename(dataset_dir)
+        match = re.fullmatch(r"seed(\d+)", seed_dir)
+        if match is None:
+            ignored.append(f"{path} (not a seed<k> directory)")
+            continue
+        try:
+            cell_config(dataset, model, 0, [])
+        except (app.UsageError, ConfigError) as err:
+            ignored.append(f"{path} ({err})")
+            continue
+        found.append((dataset, model, int(match.group(1))))
+    return found, ignored
+
+
+def report_scope(requested: list[tuple[str, str, int]], found: list[tuple[str, str, int]]
+                 ) -> tuple[list[str], list[str], range]:
+    """The grid a report covers: the datasets, models and seeds of the requested cells and of
+    the finished ones in the workdir, as one rectangle (datasets and models in the order
+    asked, then the others sorted). A command that runs part of the grid in a shared workdir
+    (workers splitting it) thus reports every finished cell, not its part alone, and lists
+    what the rectangle still misses."""
+    def ordered(index):
+        asked = list(dict.fromkeys(c[index] for c in requested))
+        return asked + sorted({c[index] for c in found} - set(asked))
+
+    seeds = {c[2] for c in requested} | {c[2] for c in found}
+    return ordered(0), ordered(1), range(min(seeds), max(seeds) + 1) if seeds else range(0)
+
+
 def main(argv):
     cli.start(argv)
     workdir = _WORKDIR.value
@@ -88,38 +139,63 @@ def main(argv):
     cells = [(d, m, s) for d in _DATASETS.value for m in _MODELS.value
              for s in range(_FIRST_SEED.value, _SEEDS.value)]
     configs = {c: cell_config(*c, _SET.value) for c in cells}  # fail early on bad input
-    done, missing = {}, []
-    for dataset, model, seed in cells:
-        config = configs[(dataset, model, seed)]
-        path = os.path.join(workdir, "cells", dataset, model, f"seed{seed}")
-        identity = {"config": config.to_dict(), "options": options.__dict__,
-                    "protocol": adapt_cell.PROTOCOL_VERSION}
+
+    def identities(dataset, model, seed):
+        identity = {"config": configs[(dataset, model, seed)].to_dict(),
+                    "options": options.__dict__, "protocol": adapt_cell.PROTOCOL_VERSION}
         # fields added to the code since a cell was written take their defaults there
         defaults = {"config": cell_config(dataset, model, seed, []).to_dict(),
                     "options": adapt_cell.CellOptions().__dict__}
-        record = cache.load_record(os.path.join(path, "cell.json"), identity, key="cell",
-                                   defaults=defaults)
+        return identity, defaults
+
+    def finished(dataset, model, seed):
+        identity, defaults = identities(dataset, model, seed)
+        return cache.load_record(os.path.join(cell_path(workdir, dataset, model, seed),
+                                              "cell.json"),
+                                 identity, key="cell", defaults=defaults)
+
+    done = {}
+    for dataset, model, seed in cells:
+        path = cell_path(workdir, dataset, model, seed)
+        record = finished(dataset, model, seed)
         if record is None and not _REPORT_ONLY.value:
             print(f"cell {dataset} / {model} / seed {seed}", flush=True)
             started = time.perf_counter()
+            config = configs[(dataset, model, seed)]
             data = experiment.load_data(config, workdir)
             record = adapt_cell.run_cell(config, path, data, options)
+            identity, _ = identities(dataset, model, seed)
             cache.save_record(os.path.join(path, "cell.json"), identity, record, key="cell",
                               wall_seconds=round(time.perf_counter() - started, 1),
                               environment=report.environment())
-        if record is None:
-            missing.append(f"{dataset} / {model} / seed {seed}")
-            continue
-        done[(dataset, model, seed)] = (path, record)
+        if record is not None:
+            done[(dataset, model, seed)] = (path, record)
+
+    # the report covers every finished cell of the workdir, not this command's part alone
+    found, ignored = finished_cells(workdir)
+    datasets, models, seeds = report_scope(cells, found)
+    missing = []
+    for cell in itertools.product(datasets, models, seeds):
+        if cell not in configs:
+            configs[cell] = cell_config(*cell, _SET.value)
+        if cell not in done:
+            record = finished(*cell)
+            if record is None:  # not run yet, or made with other settings: rerun by the command
+                missing.append(" / ".join((cell[0], cell[1], f"seed {cell[2]}")))
+                continue
+            done[cell] = (cell_path(workdir, *cell), record)
     command = "python -m experiments.adapt_grid " + " ".join(
         f"--{n}={','.join(v) if isinstance(v, list) else v}"
-        for n, v in (("datasets", _DATASETS.value), ("models", _MODELS.value),
-                     ("seeds", _SEEDS.value), ("workdir", workdir),
+        for n, v in (("datasets", datasets), ("models", models), ("seeds", seeds.stop),
+                     *((("first_seed", seeds.start),) if seeds.start else ()),
+                     ("workdir", workdir),
                      ("learning_rates", _LRS.value), ("max_epochs", _MAX_EPOCHS.value),
                      ("patience", _PATIENCE.value), ("lags", _LAGS.value),
                      ("finetune_selection_devices", _FT_SELECTION.value))
     ) + "".join(f" --set={s}" for s in _SET.value)
-    text = adapt_report.write_report(workdir, done, missing, command, _BOOTSTRAP.value)
+    with files.workdir_lock(workdir, wait=True):  # workers finishing together take turns
+        text = adapt_report.write_report(workdir, done, missing, command, _BOOTSTRAP.value,
+                                         ignored)
     print(text)
 
 

@@ -73,8 +73,9 @@ def _fmt(values: list[float]) -> str:
 
 
 def write_report(workdir: str, done: dict, missing: list[str], command: str,
-                 num_resamples: int) -> str:
-    """Write ``adaptation.{md,json}``, ``lags.png`` and ``drift.png``; return the markdown."""
+                 num_resamples: int, ignored: list[str] | tuple[str, ...] = ()) -> str:
+    """Write ``adaptation.{md,json}``, ``lags.png`` and ``drift.png``; return the markdown.
+    ``ignored``: finished cells in the workdir that the report leaves out, with the reason."""
     groups: dict[tuple[str, str], list] = defaultdict(list)
     cells = []
     for (dataset, model, seed), (path, record) in sorted(done.items()):
@@ -87,6 +88,8 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
     lines = ["# Does DUET adapt devices?", "", f"Command: `{command}`", ""]
     if missing:
         lines += [f"**Missing cells ({len(missing)})**: " + "; ".join(missing), ""]
+    if ignored:
+        lines += [f"**Not part of this report ({len(ignored)})**: " + "; ".join(ignored), ""]
     lines += ["## Device-test AUC (mean ± sd over seeds)", "",
               "| dataset | model | seeds | " + " | ".join(SERVED) + " |",
               "|---|---|---|" + "---|" * len(SERVED)]
@@ -123,7 +126,7 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
     text = "\n".join(lines)
     files.write_text_atomic(os.path.join(workdir, "adaptation.md"), text)
     files.write_text_atomic(os.path.join(workdir, "adaptation.json"), files.dumps(
-        {"command": command, "missing": missing, "cells": cells,
+        {"command": command, "missing": missing, "ignored": list(ignored), "cells": cells,
          "environment": report.environment()}))
     return text
 
@@ -148,7 +151,8 @@ def _panel_figure(workdir: str, groups: dict, filename: str, draw, xlabel: str,
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, filename), dpi=110)
+    with files.atomic_file(os.path.join(workdir, filename), "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 

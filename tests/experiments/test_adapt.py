@@ -3,6 +3,10 @@ trigger variants, one cell of the grid, and its report."""
 
 import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +14,15 @@ import pytest
 from duet_jax import metrics
 from experiments import adapt_cell, adapt_report, experiment
 from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GRID_TINY = [
+    "data.num_users=50", "data.num_items=100", "data.num_categories=5", "data.num_styles=3",
+    "data.cloud_len=(10,12)", "data.device_len=(3,4)", "embed_dim=8", "seq_len=8",
+    "sasrec.num_heads=2", "train.batch_size=64", "finetune.group_size=16",
+]
+GRID_OPTIONS = ["--learning_rates=3e-3", "--max_epochs=1", "--lags=0,2",
+                "--finetune_selection_devices=4", "--bootstrap=20"]
 
 
 def _config():
@@ -77,3 +90,60 @@ def test_one_cell_and_its_report(tmp_path):
     stored = json.loads((tmp_path / "adaptation.json").read_text())
     comparison = stored["cells"][0]["comparisons"]["DUET vs Base"]
     assert comparison["lo"] <= comparison["diff"] <= comparison["hi"]
+
+
+def _grid(cmd: list[str]) -> subprocess.CompletedProcess:
+    # a subprocess: importing experiments.adapt_grid here would define its absl flags beside
+    # other experiments' in the same test session
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _grid_part(workdir, *extra: str) -> dict:
+    """Run one part of a tiny synthetic grid in ``workdir``; -> its adaptation.json."""
+    _grid([sys.executable, "-m", "experiments.adapt_grid", "--datasets=synthetic",
+           f"--workdir={workdir}", *GRID_OPTIONS, *(f"--set={s}" for s in GRID_TINY), *extra])
+    return json.loads((workdir / "adaptation.json").read_text())
+
+
+def _cells(report: dict) -> list[tuple]:
+    return [(c["dataset"], c["model"], c["seed"]) for c in report["cells"]]
+
+
+@pytest.mark.slow  # one grid cell end to end (30-50 s); CI runs it
+def test_a_part_of_the_grid_reports_every_finished_cell_of_its_workdir(tmp_path):
+    first = _grid_part(tmp_path, "--models=sasrec", "--seeds=1")
+    assert _cells(first) == [("synthetic", "sasrec", 0)] and first["missing"] == []
+    # finished cells the grid cannot report are named with the reason, never dropped quietly
+    record = tmp_path / "cells" / "synthetic" / "sasrec" / "seed0" / "cell.json"
+    for odd in ("cells/no_such_dataset/sasrec/seed0", "cells/synthetic/sasrec/latest"):
+        (tmp_path / odd).mkdir(parents=True)
+        shutil.copy(record, tmp_path / odd / "cell.json")
+
+    # another worker's part (here: report only) keeps the first part's cell in the report
+    second = _grid_part(tmp_path, "--models=gru4rec", "--seeds=1", "--report_only")
+    assert _cells(second) == [("synthetic", "sasrec", 0)]
+    assert second["missing"] == ["synthetic / gru4rec / seed 0"]
+    assert "--models=gru4rec,sasrec " in second["command"]
+    assert "--seeds=1 " in second["command"] and "--first_seed" not in second["command"]
+    ignored = sorted(second["ignored"])
+    assert len(ignored) == 2
+    assert "no_such_dataset" in ignored[0] and "no config" in ignored[0]
+    assert "latest" in ignored[1] and "not a seed<k> directory" in ignored[1]
+    text = (tmp_path / "adaptation.md").read_text()
+    assert "**Missing cells (1)**" in text and "**Not part of this report (2)**" in text
+
+    # the report's command rebuilds the same report
+    command = shlex.split(second["command"])
+    assert command[:3] == ["python", "-m", "experiments.adapt_grid"]
+    again = _grid([sys.executable, *command[1:], "--report_only"])
+    assert again.returncode == 0
+    rebuilt = json.loads((tmp_path / "adaptation.json").read_text())
+    assert (_cells(rebuilt), rebuilt["missing"]) == (_cells(second), second["missing"])
+
+    # a finished cell made with other settings is missing from the report, not reused
+    other = _grid_part(tmp_path, "--models=sasrec", "--seeds=1", "--report_only",
+                       "--max_epochs=2")
+    assert _cells(other) == [] and other["missing"] == ["synthetic / sasrec / seed 0"]
