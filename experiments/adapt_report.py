@@ -72,6 +72,34 @@ def _fmt(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
+def seed_summaries(groups: dict) -> dict[tuple[str, str, str], dict]:
+    """Per (dataset, model, comparison): the mean and sd (ddof 1; None for one seed) of the
+    per-seed AUC differences, the seeds compared, and how many of their paired CIs lie above
+    and below 0. ``groups``: ``(dataset, model) -> [(seed, record, cell statistics)]``."""
+    out = {}
+    for (dataset, model), entries in groups.items():
+        for name, _, _ in COMPARISONS:
+            found = [s["comparisons"][name] for _, _, s in entries if name in s["comparisons"]]
+            if not found:
+                continue
+            diffs = [c["diff"] for c in found]
+            out[(dataset, model, name)] = {
+                "mean": float(np.mean(diffs)),
+                "sd": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None,
+                "seeds": len(found),
+                "above": sum(c["lo"] > 0 for c in found),
+                "below": sum(c["hi"] < 0 for c in found)}
+    return out
+
+
+def _fmt_summary(summary: dict | None) -> str:
+    if summary is None:
+        return "–"
+    spread = "" if summary["sd"] is None else f" ± {summary['sd']:.4f}"
+    below = f", {summary['below']} below" if summary["below"] else ""
+    return f"{summary['mean']:+.4f}{spread} ({summary['above']}/{summary['seeds']} above{below})"
+
+
 def write_report(workdir: str, done: dict, missing: list[str], command: str,
                  num_resamples: int, ignored: list[str] | tuple[str, ...] = ()) -> str:
     """Write ``adaptation.{md,json}``, ``lags.png`` and ``drift.png``; return the markdown.
@@ -116,6 +144,14 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
                 cols.append(f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
                             + ("*" if significant else ""))
             lines.append(f"| {dataset} | {model} | {seed} | " + " | ".join(cols) + " |")
+    over_seeds = seed_summaries(groups)
+    lines += ["", "## Over seeds: mean ± sd of the per-seed differences", "",
+              "In brackets: the seeds whose CI lies above 0 (and below 0, if any).", "",
+              "| dataset | model | seeds | " + " | ".join(c[0] for c in COMPARISONS) + " |",
+              "|---|---|---|" + "---|" * len(COMPARISONS)]
+    for (dataset, model), entries in sorted(groups.items()):
+        cols = [_fmt_summary(over_seeds.get((dataset, model, name))) for name, _, _ in COMPARISONS]
+        lines.append(f"| {dataset} | {model} | {len(entries)} | " + " | ".join(cols) + " |")
     lines += ["", "Cells where the first method wins with a CI above 0: "
               + "; ".join(f"{n}: {w}/{t}" for n, (w, t) in wins.items()), ""]
     _panel_figure(workdir, groups, "lags.png", _draw_lags,
@@ -127,6 +163,8 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
     files.write_text_atomic(os.path.join(workdir, "adaptation.md"), text)
     files.write_text_atomic(os.path.join(workdir, "adaptation.json"), files.dumps(
         {"command": command, "missing": missing, "ignored": list(ignored), "cells": cells,
+         "over_seeds": [{"dataset": d, "model": m, "comparison": n, **v}
+                        for (d, m, n), v in sorted(over_seeds.items())],
          "environment": report.environment()}))
     return text
 

@@ -90,6 +90,10 @@ def test_one_cell_and_its_report(tmp_path):
     stored = json.loads((tmp_path / "adaptation.json").read_text())
     comparison = stored["cells"][0]["comparisons"]["DUET vs Base"]
     assert comparison["lo"] <= comparison["diff"] <= comparison["hi"]
+    # one seed: its difference is the mean over seeds, with no spread
+    summary = next(s for s in stored["over_seeds"] if s["comparison"] == "DUET vs Base")
+    assert (summary["mean"], summary["sd"], summary["seeds"]) == (comparison["diff"], None, 1)
+    assert "## Over seeds" in text
 
 
 def _grid(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -147,3 +151,22 @@ def test_a_part_of_the_grid_reports_every_finished_cell_of_its_workdir(tmp_path)
     other = _grid_part(tmp_path, "--models=sasrec", "--seeds=1", "--report_only",
                        "--max_epochs=2")
     assert _cells(other) == [] and other["missing"] == ["synthetic / sasrec / seed 0"]
+
+
+def test_seed_summaries_give_mean_sd_and_the_seeds_on_each_side_of_zero():
+    def stats(diff, lo, hi):
+        return {"comparisons": {"DUET vs Base": {"diff": diff, "lo": lo, "hi": hi}}}
+
+    groups = {("d", "m"): [(0, {}, stats(0.03, 0.01, 0.05)), (1, {}, stats(0.01, -0.01, 0.02)),
+                           (2, {}, stats(-0.01, -0.02, -0.005))],
+              ("d", "one"): [(0, {}, stats(0.02, 0.01, 0.03))]}
+    out = adapt_report.seed_summaries(groups)
+    three = out[("d", "m", "DUET vs Base")]
+    assert three["mean"] == pytest.approx(0.01)
+    assert three["sd"] == pytest.approx(0.02)  # sqrt(((.02)^2 + 0 + (.02)^2) / 2)
+    assert (three["seeds"], three["above"], three["below"]) == (3, 1, 1)
+    assert adapt_report._fmt_summary(three) == "+0.0100 ± 0.0200 (1/3 above, 1 below)"
+    one = out[("d", "one", "DUET vs Base")]
+    assert one["sd"] is None  # one seed: no spread to report
+    assert adapt_report._fmt_summary(one) == "+0.0200 (1/1 above)"
+    assert ("d", "m", "DUET vs base_wide (capacity)") not in out  # never compared: no entry
