@@ -20,12 +20,16 @@ What a cell does, in order:
    so no file grows past a couple of MiB), per-user drift scores, and the metrics.
 
 Nothing here is reused unless it was built from the same inputs (:mod:`duet_jax.cache`).
+The record's ``stage_seconds`` says where the cell's time went: the wall seconds of each
+stage in the process that finished the cell (a stage resumed from its checkpoints or cached
+logits counts only what that process redid).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -108,8 +112,20 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
     model = get_model(config_lib.model_name(config),
                       config_lib.model_config(config, data.num_items))
     bs = config.train.eval_batch_size
-    trained = {name: train_selected(config, data, model, name, cell_dir, options)
-               for name in TRAINED}
+    # wall seconds of each stage in this process (a resumed stage counts only what it redid)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock, 1)
+        clock = now
+
+    trained = {}
+    for name in TRAINED:
+        trained[name] = train_selected(config, data, model, name, cell_dir, options)
+        lap(f"train_{name}")
     variants = test_variants(data, options.lags)
     test = variants["lag0"]
     logits: dict[str, np.ndarray] = {}
@@ -125,6 +141,7 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
         logits[f"{control}/lag0"] = score_at_test_time(
             control, duet, duet_params, variants["lag0"], reference=data.train,
             seed=config.seed, batch_size=bs)
+    lap("score_trained_and_controls")
 
     finetuned = {}
     for mode in FINETUNE_MODES:
@@ -139,6 +156,7 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
                                          os.path.join(cell_dir, f"finetune_{mode}"))
         logits[f"finetune_{mode}/once"] = np.asarray(result.pop("test_logits"), np.float32)
         finetuned[mode] = result
+        lap(f"finetune_{mode}")
 
     scores = {key: metrics.evaluate(test.user, test.label, value)
               for key, value in logits.items()}
@@ -146,6 +164,7 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
                                      test, data.num_users, data.num_items)
     save_predictions(cell_dir, {"user": test.user, "label": test.label, "drift": drift_score},
                      logits)
+    lap("metrics_drift_and_predictions")
     return {
         "metrics": scores,
         "selection": {name: {k: v for k, v in r.items() if k != "params"}
@@ -156,6 +175,7 @@ def run_cell(config: ml_collections.ConfigDict, cell_dir: str, data: Splits,
         "params": {name: controls.count_params(r["params"]) for name, r in trained.items()},
         "predictions": PREDICTIONS,
         "predictions_sha256": cache.arrays_digest(logits),
+        "stage_seconds": seconds,
     }
 
 

@@ -81,6 +81,11 @@ def test_one_cell_and_its_report(tmp_path):
     counts = record["params"]
     assert abs(counts["base_wide"] - counts["duet"]) <= 0.1 * counts["duet"]
     assert preds["drift"].shape == (data.num_users,)
+    # where the cell's time went, stage by stage, in the order they ran
+    assert list(record["stage_seconds"]) == [
+        "train_base", "train_base_wide", "train_duet", "score_trained_and_controls",
+        "finetune_head", "finetune_all", "metrics_drift_and_predictions"]
+    assert all(s >= 0 for s in record["stage_seconds"].values())
 
     done = {("synthetic", "sasrec", 0): (cell, json.loads(json.dumps(record)))}
     text = adapt_report.write_report(str(tmp_path), done, [], "cmd", num_resamples=50)
