@@ -129,7 +129,6 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
               "A `*` marks a CI that excludes 0.", "",
               "| dataset | model | seed | " + " | ".join(c[0] for c in COMPARISONS) + " |",
               "|---|---|---|" + "---|" * len(COMPARISONS)]
-    wins = defaultdict(lambda: [0, 0])
     for (dataset, model), entries in sorted(groups.items()):
         for seed, _, s in entries:
             cols = []
@@ -139,8 +138,6 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
                     cols.append("–")
                     continue
                 significant = c["lo"] > 0 or c["hi"] < 0
-                wins[name][0] += int(c["lo"] > 0)
-                wins[name][1] += 1
                 cols.append(f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
                             + ("*" if significant else ""))
             lines.append(f"| {dataset} | {model} | {seed} | " + " | ".join(cols) + " |")
@@ -152,8 +149,11 @@ def write_report(workdir: str, done: dict, missing: list[str], command: str,
     for (dataset, model), entries in sorted(groups.items()):
         cols = [_fmt_summary(over_seeds.get((dataset, model, name))) for name, _, _ in COMPARISONS]
         lines.append(f"| {dataset} | {model} | {len(entries)} | " + " | ".join(cols) + " |")
+    # cell counts: the (dataset, model) summaries summed
+    wins = {name: [sum(v[k] for (_, _, n), v in over_seeds.items() if n == name)
+                   for k in ("above", "seeds")] for name, _, _ in COMPARISONS}
     lines += ["", "Cells where the first method wins with a CI above 0: "
-              + "; ".join(f"{n}: {w}/{t}" for n, (w, t) in wins.items()), ""]
+              + "; ".join(f"{n}: {w}/{t}" for n, (w, t) in wins.items() if t), ""]
     _panel_figure(workdir, groups, "lags.png", _draw_lags,
                   "sync lag k (positions since the device's last sync)", "device-test AUC")
     _panel_figure(workdir, groups, "drift.png", _draw_drift,
