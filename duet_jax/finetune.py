@@ -52,6 +52,7 @@ import functools
 import itertools
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,10 @@ SELECTIONS = ("train_end", "val_split")
 ROW_FIELDS = ("click_seq", "target", "label")
 ITEM_ID_FIELDS = ("click_seq", "target")  # the fields whose values are item ids
 EVAL_BATCH_SIZE = TrainConfig.eval_batch_size  # Base's default evaluation batch
+# groups per stored part of a stage: the unit an interrupted stage resumes from (16 groups of
+# 64 devices: a few minutes of all-parameter fine-tuning on 2 CPU cores)
+PART_GROUPS = 16
+PARTS_DIRECTORY = "parts"  # under a store's directory: the stages' unfinished parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,9 +432,16 @@ def base_predictions(model: DeviceModel, params: dict, samples: SampleSet,
 
 def run_stage(model: DeviceModel, params: dict, stage: Stage, config: FinetuneConfig,
               learning_rate: float, schedule: tuple[int, ...], desc: str,
-              eval_batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+              eval_batch_size: int = EVAL_BATCH_SIZE,
+              parts: tuple[str, dict] | None = None) -> np.ndarray:
     """Logits ``[len(schedule), N_eval]`` of every evaluation row, in storage order. A count
-    of 0 in ``schedule`` (sorted) is Base's own predictions (:func:`base_predictions`)."""
+    of 0 in ``schedule`` (sorted) is Base's own predictions (:func:`base_predictions`).
+
+    ``parts``: ``(directory, identity)`` where each run of :data:`PART_GROUPS` consecutive
+    groups stores its logits as it finishes (:func:`duet_jax.cache.cached_array`), so an
+    interrupted stage resumes after its last finished part. A group's result depends on its
+    own devices only, and a part is always the same groups, so a resumed stage returns the
+    logits an uninterrupted one would, bit for bit."""
     out = np.zeros((len(schedule), len(stage.evaluation)), np.float32)
     if schedule and schedule[0] == 0:
         out[0] = base_predictions(model, params, stage.evaluation, eval_batch_size)
@@ -440,15 +452,48 @@ def run_stage(model: DeviceModel, params: dict, stage: Stage, config: FinetuneCo
     first = len(schedule) - len(tuned)
     groups = stage_groups(stage, config.group_size, config.num_samples)
     total = -(-len(stage.devices) // config.group_size)
-    for _, count, tune, evaluate, index in tqdm(groups, total=total, desc=desc, unit="group",
-                                                disable=not config.progress, leave=False):
-        item_rows, (tune, evaluate) = group_inputs(model, config.params, tune, evaluate)
-        logits = np.asarray(finetune_and_score(model, config.params, trainable, fixed, tune,
-                                               evaluate, jnp.float32(learning_rate), tuned,
-                                               item_rows))
-        valid = index[:count] >= 0
-        out[first:, index[:count][valid]] = logits[:, :count][:, valid]
+
+    def compute(chunk) -> np.ndarray:
+        """``[len(tuned), rows]`` logits of a part's evaluation rows (:func:`_part_rows`)."""
+        pieces = []
+        for _, count, tune, evaluate, index in chunk:
+            item_rows, (tune, evaluate) = group_inputs(model, config.params, tune, evaluate)
+            logits = np.asarray(finetune_and_score(model, config.params, trainable, fixed,
+                                                   tune, evaluate, jnp.float32(learning_rate),
+                                                   tuned, item_rows))
+            pieces.append(logits[:, :count][:, index[:count] >= 0])
+        return np.concatenate(pieces, axis=1)
+
+    with tqdm(total=total, desc=desc, unit="group", disable=not config.progress,
+              leave=False) as bar:
+        for number in itertools.count():
+            chunk = list(itertools.islice(groups, PART_GROUPS))
+            if not chunk:
+                break
+            if parts is None:
+                logits = compute(chunk)
+            else:
+                directory, identity = parts
+                logits = cache.cached_array(
+                    os.path.join(directory, f"part{number:05d}.npy"),
+                    {**identity, "part": number, "groups_per_part": PART_GROUPS},
+                    functools.partial(compute, chunk))
+            out[first:, _part_rows(chunk)] = logits
+            bar.update(len(chunk))
     return out
+
+
+def _part_rows(chunk: list) -> np.ndarray:
+    """Evaluation-row indices of a part's groups (``stage_groups`` items), in the order
+    :func:`run_stage` lays out a part's logits: group by group, device by device."""
+    return np.concatenate([index[:count][index[:count] >= 0]
+                           for _, count, _, _, index in chunk])
+
+
+def remove_parts(directory: str) -> None:
+    """Delete the stored parts of ``directory``'s stages (:func:`run_stage`), once what they
+    make up is stored whole."""
+    shutil.rmtree(os.path.join(directory, PARTS_DIRECTORY), ignore_errors=True)
 
 
 def time_adaptation(model: DeviceModel, params: dict, stage: Stage, config: FinetuneConfig,
@@ -488,7 +533,11 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
     where each learning rate's validation logits are kept as they finish
     (:func:`duet_jax.cache.cached_array`; ``identity`` must name everything they depend on:
     Base's parameters, the data, this config), so an interrupted run resumes after the last
-    finished learning rate (all-parameter fine-tuning of a large dataset takes hours)."""
+    finished learning rate (all-parameter fine-tuning of a large dataset takes hours). Within
+    a stage, finished parts of :data:`PART_GROUPS` groups are kept under
+    ``directory/parts/`` (:func:`run_stage`): a learning rate's are removed once its logits
+    are stored whole, the test stage's are left for the caller to remove
+    (:func:`remove_parts`) once it has stored the test logits."""
     if config.selection == "val_split":
         tune_part, selection_rows = split_in_time(data.val, data.num_users)
         tune_sets = [data.train, tune_part]
@@ -501,18 +550,22 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
         os.makedirs(store[0], exist_ok=True)
     grid, best = [], None
     for lr in config.learning_rates:
-        def validation_logits(lr=lr):
-            return run_stage(model, base_params, val_stage, config, lr, schedule,
-                             f"finetune val lr={lr:g}", eval_batch_size)
-
+        val_identity = {"learning_rate": lr, "schedule": list(schedule),
+                        "selection": config.selection}
         if store is None:
-            logits = validation_logits()
+            logits = run_stage(model, base_params, val_stage, config, lr, schedule,
+                               f"finetune val lr={lr:g}", eval_batch_size)
         else:
             directory, identity = store
+            parts = (os.path.join(directory, PARTS_DIRECTORY, f"val_lr{lr:g}"),
+                     {**identity, **val_identity, "stage": "val"})
             logits = cache.cached_array(
                 os.path.join(directory, f"val_logits_lr{lr:g}.npy"),
-                {**identity, "learning_rate": lr, "schedule": list(schedule),
-                 "selection": config.selection}, validation_logits)
+                {**identity, **val_identity},
+                lambda lr=lr, parts=parts: run_stage(model, base_params, val_stage, config, lr,
+                                                     schedule, f"finetune val lr={lr:g}",
+                                                     eval_batch_size, parts))
+            shutil.rmtree(parts[0], ignore_errors=True)  # stored whole now
         for steps, row in zip(schedule, logits, strict=True):
             val = metrics.evaluate(selection_rows.user, selection_rows.label, row)
             grid.append({"learning_rate": lr, "steps": steps, "val": val})
@@ -522,8 +575,12 @@ def finetune_and_evaluate(model: DeviceModel, base_params: dict, data: Splits,
     _, lr, steps, val = best
     test_stage = make_stage([data.train, data.val], data.test, data.num_users,
                             config.num_samples)
+    parts = None
+    if store is not None:  # removed by the caller once it has stored the test logits
+        parts = (os.path.join(store[0], PARTS_DIRECTORY, f"test_lr{lr:g}_steps{steps}"),
+                 {**store[1], "learning_rate": lr, "steps": steps, "stage": "test"})
     logits = run_stage(model, base_params, test_stage, config, lr, (steps,), "finetune test",
-                       eval_batch_size)
+                       eval_batch_size, parts)
     test = metrics.evaluate(data.test.user, data.test.label, logits[0])
     seconds = time_adaptation(model, base_params, test_stage, config, lr, steps)
     return FinetuneResult(test=test, val=val, learning_rate=lr, steps=steps, grid=grid,

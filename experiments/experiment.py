@@ -137,6 +137,7 @@ def run_finetune(model, base_params: dict, data: Splits, config, run_dir: str) -
     with files.atomic_file(logits_path, "wb") as f:
         np.save(f, test_logits)
     cache.save_record(path, identity, out)  # last: it vouches for the logits file
+    finetune.remove_parts(run_dir)  # the test stage's parts: its logits are stored whole
     return {**out, "test_logits": test_logits}
 
 

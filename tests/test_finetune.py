@@ -240,8 +240,13 @@ def test_an_interrupted_selection_resumes_after_its_last_finished_learning_rate(
     want = finetune.finetune_and_evaluate(model, params["sasrec"], data, config,
                                           eval_batch_size=EVAL_BATCH, store=store)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "val_logits_lr0.001.npy", "val_logits_lr0.001.npy.json",
+        "parts", "val_logits_lr0.001.npy", "val_logits_lr0.001.npy.json",
         "val_logits_lr0.01.npy", "val_logits_lr0.01.npy.json"]
+    # a learning rate's parts go once its logits are stored whole; the test stage's stay
+    # until the caller has stored the test logits
+    test_parts = f"test_lr{want.learning_rate:g}_steps{want.steps}"
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == (
+        [test_parts] if want.steps else [])
     # the run "stopped" after the first learning rate: only the second's part is redone
     (tmp_path / "val_logits_lr0.01.npy.json").unlink()
     stages = []
@@ -260,6 +265,43 @@ def test_an_interrupted_selection_resumes_after_its_last_finished_learning_rate(
                                    eval_batch_size=EVAL_BATCH,
                                    store=(str(tmp_path), {**identity, "base": "other"}))
     assert stages == ["finetune val lr=0.001", "finetune val lr=0.01", "finetune test"]
+
+
+def test_an_interrupted_stage_resumes_after_its_last_finished_part(setup, tmp_path,
+                                                                    monkeypatch):
+    data, models, params = setup
+    model = models["sasrec"]
+    config = _config(steps=(0, 2), params="all", group_size=4)
+    stage = _test_stage(data, config.num_samples)
+    groups = -(-len(stage.devices) // config.group_size)
+    monkeypatch.setattr(finetune, "PART_GROUPS", 2)
+    parts = -(-groups // 2)
+    assert parts >= 3  # enough parts to lose one in the middle
+    want = finetune.run_stage(model, params["sasrec"], stage, config, 1e-2, (0, 2), "test")
+    calls = []
+    real = finetune.finetune_and_score
+    monkeypatch.setattr(finetune, "finetune_and_score",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    store = (str(tmp_path), {"base": "digest"})
+    got = finetune.run_stage(model, params["sasrec"], stage, config, 1e-2, (0, 2), "test",
+                             parts=store)
+    np.testing.assert_array_equal(got, want)  # stored parts lay out as one pass does
+    names = [f"part{n:05d}.npy" for n in range(parts)]
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == names
+    assert len(calls) == groups
+    # the run "stopped" during part 1 (its record never written) and part 2's file is damaged
+    (tmp_path / "part00001.npy.json").unlink()
+    (tmp_path / "part00002.npy").write_bytes(b"not an array")
+    calls.clear()
+    got = finetune.run_stage(model, params["sasrec"], stage, config, 1e-2, (0, 2), "test",
+                             parts=store)
+    np.testing.assert_array_equal(got, want)
+    assert len(calls) == 2 + min(2, groups - 4)  # those two parts' groups, nothing else
+    # other inputs: nothing stored is reused
+    calls.clear()
+    finetune.run_stage(model, params["sasrec"], stage, config, 1e-2, (0, 2), "test",
+                       parts=(str(tmp_path), {"base": "other"}))
+    assert len(calls) == groups
 
 
 def test_local_items_renumber_each_devices_own_ids(setup):

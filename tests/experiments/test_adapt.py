@@ -78,6 +78,8 @@ def test_one_cell_and_its_report(tmp_path):
     assert len(np.unique(data.val.user)) > 4  # so fine-tuning's selection sampled devices
     for mode in adapt_cell.FINETUNE_MODES:
         assert record["finetune"][mode]["selection_devices"] == 4
+        # a stage's stored parts are gone once what they make up is stored whole
+        assert not os.path.exists(os.path.join(cell, f"finetune_{mode}", "parts"))
     counts = record["params"]
     assert abs(counts["base_wide"] - counts["duet"]) <= 0.1 * counts["duet"]
     assert preds["drift"].shape == (data.num_users,)
